@@ -1,0 +1,150 @@
+"""Model zoo and loaders: registry names, ``file.py:callable`` / ``package.module:callable`` user models,
+and checkpoints read safely (``torch.load(weights_only=True)`` or safetensors)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qpipe.errors import QpipeError
+
+from .resnet import digits_cnn, resnet18, resnet20
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]   # one image, C x H x W
+    data: str                      # the data spec it was made for
+    checkpoint: str | None         # shipped checkpoint, relative to the repository root
+
+
+REGISTRY: dict[str, ModelInfo] = {
+    "digits-cnn": ModelInfo(digits_cnn, (1, 8, 8), "digits", "artifacts/models/digits-cnn.safetensors"),
+    "resnet20": ModelInfo(resnet20, (3, 32, 32), "cifar10", None),
+    "resnet18": ModelInfo(resnet18, (3, 224, 224), "imagenet", None),
+}
+
+
+def _load_callable(spec: str) -> Callable[[], nn.Module]:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise QpipeError(f"model {spec!r} is neither a registry name ({', '.join(REGISTRY)}) "
+                         "nor 'path/to/file.py:callable' / 'package.module:callable'")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise QpipeError(f"model file {target} does not exist")
+        name = f"qpipe_user_{abs(hash(str(path.resolve())))}"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:  # the user's file: report, don't trace back
+            raise QpipeError(f"could not import {target}: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise QpipeError(f"could not import module {target!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise QpipeError(f"{target} has no callable {attr!r}")
+    return fn
+
+
+def build_model(spec: str) -> nn.Module:
+    """An untrained model from a registry name or a ``module:callable`` spec."""
+    if spec in REGISTRY:
+        return REGISTRY[spec].build()
+    fn = _load_callable(spec)
+    try:
+        model = fn()
+    except Exception as e:
+        raise QpipeError(f"{spec} raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise QpipeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise QpipeError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QpipeError(f"checkpoint {path} could not be read ({first[:200]}); "
+                         "expected a torch state dict (.pt/.pth) or a .safetensors file") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise QpipeError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    sd = read_state_dict(path)
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise QpipeError(f"checkpoint {path}: tensor {k!r} has {bad} NaN/Inf values")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise QpipeError(f"checkpoint {path} does not match the model: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    wrong = [k for k in own if own[k].shape != sd[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise QpipeError(f"checkpoint {path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(sd)
+    return model
+
+
+def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """Build ``spec`` and load ``weights`` (or the registry's shipped checkpoint); eval mode."""
+    model = build_model(spec)
+    if weights is None and spec in REGISTRY and REGISTRY[spec].checkpoint:
+        ckpt = ROOT / REGISTRY[spec].checkpoint
+        if ckpt.is_file():
+            weights = ckpt
+    if weights is not None:
+        load_weights(model, weights)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise QpipeError(f"model {spec}: parameter {name!r} has NaN/Inf values")
+    return model.eval()
+
+
+def input_shape(spec: str, data_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    if data_shape is not None:
+        return tuple(data_shape)
+    if spec in REGISTRY:
+        return REGISTRY[spec].input_shape
+    raise QpipeError(f"input shape of {spec} unknown; give --data")
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())

@@ -1,0 +1,1 @@
+"""The PyTorch stage: quantizers and observers, rounding, Q-modules, BN folding, calibration."""

@@ -1,0 +1,168 @@
+"""``qpipe calibrate``: fold BN, observe ranges, round weights, and write the artifact folder."""
+
+from __future__ import annotations
+
+import io
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx, nn
+
+import qpipe
+from qpipe.artifact import Artifact, hash_files, staging_dir, write_atomic, write_json
+from qpipe.errors import QpipeError
+from qpipe.recipe import Recipe, dump_recipe, load_recipe
+
+from .qmodel import ActQuant, Prepared, calibrate_activations, mode, prepare, quantize_biases, quantize_weights
+
+OPSET_GRAPH = 20  # the TorchScript exporter's highest opset; the QDQ exporter converts to its own opset
+
+
+def _output_quantizer(p: Prepared) -> str | None:
+    out = next(n for n in p.gm.graph.nodes if n.op == "output")
+    arg = out.args[0]
+    if isinstance(arg, fx.Node) and arg.op == "call_module" and isinstance(p.gm.get_submodule(arg.target), ActQuant):
+        return p.gm.get_submodule(arg.target).qname
+    return None
+
+
+def qparams_record(p: Prepared, recipe: Recipe, weight_info: dict, input_shape) -> dict:
+    tensors, layers = {}, {}
+    w = recipe.weights
+    for name in p.layers:
+        m = p.gm.get_submodule(name)
+        entry = {"op": "Conv" if m.weight.ndim == 4 else "Gemm", "weight_bits": 32, "input": p.layer_input[name]}
+        if m.weight_int is not None:
+            per_channel = m.weight_scale.ndim == 1
+            entry.update(weight_bits=weight_info[name]["bits"], sqnr_db=weight_info[name]["sqnr_db"])
+            tensors[f"{name}.weight"] = {
+                "kind": "weight", "bits": weight_info[name]["bits"], "signed": True, "symmetric": w.symmetric,
+                "axis": 0 if per_channel else None, "scale": m.weight_scale.tolist(),
+                "zero_point": m.weight_zero_point.tolist(), "rounding": w.rounding, "observer": w.observer,
+                "shape": list(m.weight.shape)}
+        if m.bias_int is not None:
+            tensors[f"{name}.bias"] = {"kind": "bias", "bits": 32, "signed": True, "symmetric": True, "axis": 0,
+                                       "scale": m.bias_scale.tolist(), "zero_point": 0, "rounding": "nearest"}
+        layers[name] = entry
+    for name in p.act:
+        aq = p.gm.get_submodule(name)
+        if aq.source is None:
+            tensors[name] = {"kind": "activation", "bits": aq.spec.bits, "signed": aq.spec.signed,
+                             "symmetric": aq.spec.symmetric, "axis": None, "scale": float(aq.scale),
+                             "zero_point": int(aq.zero_point), "observer": recipe.activations.observer}
+    return {"format": 1, "input_shape": list(input_shape), "output_quantizer": _output_quantizer(p),
+            "tensors": tensors, "layers": layers}
+
+
+def export_graph(p: Prepared, input_shape) -> bytes:
+    """The float graph with Mark nodes, via the TorchScript exporter (it keeps parameter names)."""
+    buf = io.BytesIO()
+    dummy = torch.zeros((2, *input_shape))
+    with warnings.catch_warnings(), mode("mark"), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(p.gm, (dummy,), buf, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=OPSET_GRAPH, dynamo=False, do_constant_folding=True)
+    return buf.getvalue()
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"qpipe": qpipe.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: str | Path | None = None, *,
+              weights: str | None = None, overrides=(), seed: int | None = None, device: str = "cpu",
+              command: str | None = None, progress: bool = True) -> Artifact:
+    """Quantize ``model`` on ``data``'s calibration split by ``recipe`` and write the artifact ``out``."""
+    from qpipe.data import load_data
+    from qpipe.models import load_model
+
+    if not isinstance(recipe, Recipe) or overrides or seed is not None:
+        recipe = load_recipe(recipe, overrides, seed)
+    if out is None:
+        raise QpipeError("calibrate needs an output folder (--out)")
+    if Path(out).exists():
+        raise QpipeError(f"output folder {out} already exists; choose another --out or remove it")
+    model_spec = model if isinstance(model, str) else f"<in-memory {type(model).__name__}>"
+    if isinstance(model, str):
+        model = load_model(model, weights)
+    source = load_data(data) if isinstance(data, str) else data
+    torch.manual_seed(recipe.seed)
+    p = prepare(model, recipe)
+    dev = torch.device(device)
+    p.gm.to(dev)
+
+    def batches():
+        from tqdm import tqdm
+
+        it = source.batches("calib", recipe.calibration.batch_size, recipe.calibration.images)
+        for x, y in tqdm(it, desc="calibrate", unit="batch", disable=not progress, leave=False):
+            yield x.to(dev), y
+
+    weight_info = quantize_weights(p, recipe)
+    n = calibrate_activations(p, recipe, batches()) if p.act else 0
+    quantize_biases(p)
+    p.gm.cpu()
+    shape = tuple(source.input_shape)
+    record = qparams_record(p, recipe, weight_info, shape)
+    graph = export_graph(p, shape)
+
+    with staging_dir(out) as tmp:
+        write_atomic(tmp / "recipe.yaml", dump_recipe(recipe))
+        state = {k: v.detach().contiguous() for k, v in p.gm.state_dict().items()}
+        save_file(state, str(tmp / "quantized.safetensors"))
+        write_json(tmp / "qparams.json", record)
+        write_atomic(tmp / "graph.onnx", graph)
+        weights_path = str(Path(weights).resolve()) if weights else None
+        if weights is None and isinstance(model_spec, str):
+            from qpipe.models import REGISTRY, ROOT
+
+            info = REGISTRY.get(model_spec)
+            if info and info.checkpoint and (ROOT / info.checkpoint).is_file():
+                weights_path = str(ROOT / info.checkpoint)
+        spec = model_spec
+        if isinstance(spec, str) and ".py:" in spec:
+            f, _, c = spec.rpartition(":")
+            spec = f"{Path(f).resolve()}:{c}"
+        manifest = {
+            "model": spec, "weights": weights_path, "data": data if isinstance(data, str) else repr(data),
+            "recipe": recipe.name, "seed": recipe.seed, "calibration_images": n, "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "commands": [{"command": command or "qpipe.calibrate()", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}],
+            "files": hash_files(tmp, ["recipe.yaml", "quantized.safetensors", "qparams.json", "graph.onnx"]),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    return Artifact(out)
+
+
+def load_quantized(artifact: Artifact | str | Path) -> fx.GraphModule:
+    """Rebuild the frozen PyTorch Q-model of an artifact (structure from the model spec, state from the file)."""
+    from qpipe.models import build_model
+
+    art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
+    spec = art.manifest.get("model", "")
+    if spec.startswith("<in-memory"):
+        raise QpipeError(f"{art.path} was calibrated from an in-memory model; pass the model to evaluate it in torch")
+    return load_quantized_from(build_model(spec), art)
+
+
+def load_quantized_from(model: nn.Module, art: Artifact) -> fx.GraphModule:
+    recipe = art.recipe
+    p = prepare(model, recipe)
+    try:
+        state = load_file(str(art.file("quantized.safetensors")))
+    except Exception as e:
+        raise QpipeError(f"{art.file('quantized.safetensors')} is not a readable safetensors file") from e
+    missing, unexpected = p.gm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise QpipeError(f"{art.path}: quantized.safetensors does not match the model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return p.gm.eval()

@@ -1,0 +1,200 @@
+"""The recipe: typed, frozen dataclasses read from YAML, validated once with messages for people.
+
+A recipe is a YAML file, or a name of one in ``recipes/`` (``w8a8`` -> ``recipes/w8a8.yaml``). Keys missing from
+the file take the defaults below; ``--set weights.bits=4`` overrides any key. The resolved recipe (every
+default filled in) is saved in the artifact as ``recipe.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qpipe.errors import QpipeError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+FLOAT_BITS = 32  # "32 bits" means: not quantized, stays float
+
+
+@dataclass(frozen=True)
+class Weights:
+    bits: int = 8                     # 2..8, or 32 for float weights
+    observer: str = "minmax"          # absmax | minmax | lp_norm | sqnr | mse
+    granularity: str = "per_channel"  # per_channel | per_tensor
+    symmetric: bool = True
+    rounding: str = "nearest"         # nearest | floor | ceil | stochastic (seeded by `seed`)
+    p: float = 2.4                    # the p of lp_norm
+    first_bits: int | None = None     # override for the first conv/linear (None: same as bits)
+    last_bits: int | None = None      # override for the last conv/linear
+    only_first: bool = False          # quantize only the first layer (AdaRound Table 1 study)
+
+
+@dataclass(frozen=True)
+class Activations:
+    bits: int = 8                     # 2..8, or 32 for float activations
+    observer: str = "minmax"          # minmax | ema_minmax | ema_absmax | percentile | mse | sqnr | lp_norm
+    symmetric: bool = False           # False: unsigned grid with a zero point (onnxruntime's uint8 layout)
+    momentum: float = 0.95            # of the ema_* observers
+    percentile: float = 99.99
+    p: float = 2.4                    # the p of lp_norm
+
+
+@dataclass(frozen=True)
+class Calibration:
+    images: int = 512                 # calibration images (from the training data, never the test split)
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    fold_bn: bool = True
+    seed: int = 0
+    weights: Weights = field(default_factory=Weights)
+    activations: Activations = field(default_factory=Activations)
+    calibration: Calibration = field(default_factory=Calibration)
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.weights.bits != FLOAT_BITS
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activations.bits != FLOAT_BITS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "weights.observer": ("absmax", "minmax", "lp_norm", "sqnr", "mse"),
+    "weights.granularity": ("per_channel", "per_tensor"),
+    "weights.rounding": ("nearest", "floor", "ceil", "stochastic"),
+    "activations.observer": ("minmax", "ema_minmax", "ema_absmax", "percentile", "mse", "sqnr", "lp_norm"),
+}
+SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calibration}
+
+
+def _check_type(key: str, value: Any, ftype: str) -> Any:
+    if ftype == "bool":
+        if not isinstance(value, bool):
+            raise QpipeError(f"recipe key {key} must be true or false, got {value!r}")
+    elif ftype == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QpipeError(f"recipe key {key} must be an integer, got {value!r}")
+    elif ftype == "int | None":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise QpipeError(f"recipe key {key} must be an integer or null, got {value!r}")
+    elif ftype == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise QpipeError(f"recipe key {key} must be a number, got {value!r}")
+        value = float(value)
+    elif ftype == "str" and not isinstance(value, str):
+        raise QpipeError(f"recipe key {key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise QpipeError(f"recipe section {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + k
+        if k not in fields:
+            raise QpipeError(f"unknown recipe key {key!r}; known keys: {', '.join(prefix + f for f in fields)}")
+        if k in SECTIONS and cls is Recipe:
+            kwargs[k] = _build(SECTIONS[k], v, k + ".")
+        else:
+            kwargs[k] = _check_type(key, v, str(fields[k].type))
+    return cls(**kwargs)
+
+
+def _check_bits(key: str, bits: int | None, allow_float: bool = True) -> None:
+    if bits is None or (allow_float and bits == FLOAT_BITS):
+        return
+    if not 2 <= bits <= 8:
+        raise QpipeError(f"recipe key {key} = {bits} is outside 2..8 (use 32 for float)")
+
+
+def validate(r: Recipe) -> Recipe:
+    for key, choices in CHOICES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(r, sec), name)
+        if value not in choices:
+            raise QpipeError(f"recipe key {key} = {value!r} is not one of {', '.join(choices)}")
+    _check_bits("weights.bits", r.weights.bits)
+    _check_bits("weights.first_bits", r.weights.first_bits)
+    _check_bits("weights.last_bits", r.weights.last_bits)
+    _check_bits("activations.bits", r.activations.bits)
+    if r.calibration.images < 1 or r.calibration.batch_size < 1:
+        raise QpipeError("calibration.images and calibration.batch_size must be at least 1")
+    if not 0 < r.activations.momentum < 1:
+        raise QpipeError(f"activations.momentum = {r.activations.momentum} must lie in (0, 1)")
+    if not 50 < r.activations.percentile <= 100:
+        raise QpipeError(f"activations.percentile = {r.activations.percentile} must lie in (50, 100]")
+    if r.weights.p <= 0 or r.activations.p <= 0:
+        raise QpipeError("the p of lp_norm must be positive")
+    return r
+
+
+def set_key(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key=value`` override (value parsed as YAML) to a raw recipe dict."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise QpipeError(f"--set expects key=value, got {assignment!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise QpipeError(f"--set {assignment!r}: value is not valid YAML") from e
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise QpipeError(f"--set {assignment!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def resolve_path(name_or_file: str) -> Path:
+    p = Path(name_or_file)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise QpipeError(f"recipe file {name_or_file} does not exist")
+        return p
+    named = RECIPES_DIR / f"{name_or_file}.yaml"
+    if not named.is_file():
+        known = sorted(f.stem for f in RECIPES_DIR.glob("*.yaml"))
+        raise QpipeError(f"unknown recipe {name_or_file!r}; give a YAML file or one of: {', '.join(known)}")
+    return named
+
+
+def load_recipe(name_or_file: str | dict | Recipe = "w8a8", overrides: list[str] | tuple[str, ...] = (),
+                seed: int | None = None) -> Recipe:
+    """Read, override and validate a recipe."""
+    if isinstance(name_or_file, Recipe):
+        data = name_or_file.to_dict()
+    elif isinstance(name_or_file, dict):
+        data = dict(name_or_file)
+    else:
+        path = resolve_path(name_or_file)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise QpipeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict):
+            raise QpipeError(f"recipe {path} must be a YAML mapping")
+        data.setdefault("name", path.stem)
+    for a in overrides:
+        set_key(data, a)
+    if seed is not None:
+        data["seed"] = seed
+    return validate(_build(Recipe, data, ""))
+
+
+def dump_recipe(r: Recipe) -> str:
+    return yaml.safe_dump(r.to_dict(), sort_keys=False)

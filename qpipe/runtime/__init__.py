@@ -1,0 +1,1 @@
+"""The onnxruntime stage: sessions and providers, accuracy / latency / parity, artifact checks."""
