@@ -23,6 +23,10 @@ DEFAULT_OPSET = 21
 IR_VERSION = 10          # onnxruntime 1.2x/1.3x refuse the IR version 14 that onnx.helper writes by default
 FORMATS = ("qdq", "fp32", "all")
 LAYOUTS = ("u8", "s8")   # activation container: uint8 (fast on x86) or int8
+# onnxruntime's x86 u8 x s8 kernels (VPMADDUBSW) add pairs of products in int16 with saturation:
+# 2 * 255 * |w| <= 32767 holds for |w| <= 64. Wider int8 weights feeding a uint8 activation are stored as
+# uint8 with zero point +128 instead, which runs the exact u8 x u8 kernel (same integers, same result).
+U8S8_SAFE_WEIGHT = 64
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -58,10 +62,26 @@ class _Builder:
         return name
 
 
-def _weight_tensor(name: str, q: np.ndarray, bits: int, int4: bool) -> onnx.TensorProto:
-    if int4 and bits <= 4:
-        return helper.make_tensor(name, TensorProto.INT4, q.shape, q.astype(np.int8).reshape(-1).tolist())
-    return numpy_helper.from_array(q.astype(np.int8), name)
+def _weight_tensors(name: str, q: np.ndarray, zp: np.ndarray, bits: int, container: str):
+    """Integer weight initializer and its zero point in ``container``: int4 | int8 | uint8 (+128)."""
+    if container == "int4":
+        t = helper.make_tensor(f"{name}_quantized", TensorProto.INT4, q.shape, q.astype(np.int8).reshape(-1).tolist())
+        z = helper.make_tensor(f"{name}_zero_point", TensorProto.INT4, zp.shape, zp.astype(np.int8).reshape(-1).tolist())
+        return t, z
+    if container == "uint8":
+        t = numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), f"{name}_quantized")
+        z = numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), f"{name}_zero_point")
+        return t, z
+    return (numpy_helper.from_array(q.astype(np.int8), f"{name}_quantized"),
+            numpy_helper.from_array(zp.astype(np.int8), f"{name}_zero_point"))
+
+
+def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bool, layout: str, opset: int) -> str:
+    if opset >= 21 and bits <= 4 and users and all(u == "Conv" for u in users):
+        return "int4"
+    if layout == "u8" and fused_input and np.abs(q.astype(np.int32)).max(initial=0) > U8S8_SAFE_WEIGHT:
+        return "uint8"
+    return "int8"
 
 
 def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray], *, layout: str = "u8",
@@ -98,12 +118,10 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
             axis = rec["axis"]
             scale = np.asarray(rec["scale"], dtype=np.float32)
             if rec["kind"] == "weight":
-                users = consumers.get(y, [])
-                int4 = opset >= 21 and all(u.op_type == "Conv" for u in users)
-                t = _weight_tensor(f"{name}_quantized", q, rec["bits"], int4)
-                zdt = TensorProto.INT4 if t.data_type == TensorProto.INT4 else TensorProto.INT8
-                zp = np.asarray(rec["zero_point"], dtype=np.int8)
-                zt = helper.make_tensor(f"{name}_zero_point", zdt, zp.shape, zp.reshape(-1).tolist())
+                users = [u.op_type for u in consumers.get(y, [])]
+                layer = qparams["layers"].get(name.removesuffix(".weight"), {})
+                container = weight_container(q, rec["bits"], users, layer.get("input") is not None, layout, opset)
+                t, zt = _weight_tensors(name, q, np.asarray(rec["zero_point"]), rec["bits"], container)
             else:
                 t = numpy_helper.from_array(q.astype(np.int32), f"{name}_quantized")
                 zp = np.zeros(scale.shape, dtype=np.int32)

@@ -104,7 +104,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         from tqdm import tqdm
 
         it = source.batches("calib", recipe.calibration.batch_size, recipe.calibration.images)
-        for x, y in tqdm(it, desc="calibrate", unit="batch", disable=not progress, leave=False):
+        for x, y in tqdm(it, desc="calibrate", unit="batch", disable=None if progress else True, leave=False):
             yield x.to(dev), y
 
     weight_info = quantize_weights(p, recipe)

@@ -54,7 +54,7 @@ def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float
     n = source.size("train")
     steps = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    bar = tqdm(range(epochs), desc=f"train {model_spec}", disable=not progress)
+    bar = tqdm(range(epochs), desc=f"train {model_spec}", disable=None if progress else True)
     for epoch in bar:
         model.train()
         tot = 0.0

@@ -1,0 +1,3 @@
+from qpipe.cli import main
+
+main()

@@ -1,0 +1,198 @@
+"""The ``qpipe`` command line: parses, calls the library, prints. Errors: one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from qpipe.errors import QpipeError
+
+DEFAULT_RUN = ("fp32", "w8a8", "w4a8")
+
+
+def _command() -> str:
+    return "qpipe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qpipe")
+def cli():
+    """qpipe: quantize a trained PyTorch model, export it to ONNX and prove it in onnxruntime."""
+
+
+@cli.command()
+@click.option("--model", "model", required=True, help="Registry name (digits-cnn, resnet20, resnet18) or file.py:callable.")
+@click.option("--data", default="digits", show_default=True, help="Data spec: digits, npz:FILE, cifar10:DIR, imagenet:DIR.")
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (.safetensors).")
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train(model, data, epochs, out, lr, batch_size, seed):
+    """Train a float model (the demo checkpoints in artifacts/models are made with this)."""
+    from qpipe.pipeline.train import train as run_train
+
+    note = run_train(model, data, epochs, out, lr=lr, batch_size=batch_size, seed=seed, command=_command())
+    click.echo(f"wrote {out}: test top-1 {100 * note['test_top1']:.2f}% ({note['epochs']} epochs, seed {seed})")
+
+
+def _calibrate_options(f):
+    f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)(f)
+    f = click.option("--seed", type=int, default=None, help="Overrides the recipe's seed.")(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a recipe key, e.g. --set weights.bits=4 (repeatable).")(f)
+    f = click.option("--weights", type=click.Path(), default=None,
+                     help="Checkpoint (.pt/.pth state dict or .safetensors); registry models default to the shipped one.")(f)
+    return f
+
+
+@cli.command()
+@click.option("--model", required=True, help="Registry name or path/to/file.py:callable or package.module:callable.")
+@click.option("--data", default="digits", show_default=True, help="Data spec (calibration uses its training data).")
+@click.option("--recipe", default="w8a8", show_default=True, help="Recipe name in recipes/ or a YAML file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create (must not exist).")
+@_calibrate_options
+def calibrate(model, data, recipe, out, weights, overrides, seed, device):
+    """Fold BN, estimate ranges, round weights and write the artifact folder."""
+    from qpipe.pipeline.calibrate import calibrate as run
+
+    art = run(model, data, recipe, out, weights=weights, overrides=overrides, seed=seed, device=device,
+              command=_command())
+    q = art.qparams
+    n_w = sum(1 for t in q["tensors"].values() if t["kind"] == "weight")
+    n_a = sum(1 for t in q["tensors"].values() if t["kind"] == "activation")
+    click.echo(f"wrote {art.path}: {n_w} quantized weight tensors, {n_a} activation quantizers")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["qdq", "fp32", "all"]), default="qdq", show_default=True,
+              help="qdq: Q/DQ graph with integer weights; fp32: the float graph of the same model.")
+@click.option("--opset", type=int, default=21, show_default=True)
+@click.option("--layout", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
+              help="Activation container: uint8 (fastest in onnxruntime on x86) or int8.")
+def export(artifact, fmt, opset, layout):
+    """Write model.qdq.onnx (and/or model.fp32.onnx) into an artifact folder."""
+    from qpipe.export import export as run
+
+    for p in run(artifact, fmt, opset, layout, command=_command()):
+        click.echo(f"wrote {p} ({p.stat().st_size / 1024:.1f} KiB)")
+
+
+@cli.command()
+@click.argument("target", type=click.Path())
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--data", default=None, help="Data spec (default: the artifact's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--latency/--no-latency", default=True, show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N test images.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+def evaluate(target, backend, data, device, batch_size, latency, limit, threads):
+    """Accuracy, latency and ORT-vs-PyTorch parity; writes metrics.json into the artifact."""
+    from qpipe.runtime.evaluate import evaluate as run
+    from qpipe.runtime.evaluate import format_table
+
+    m = run(target, data, backend, device, batch_size, latency, limit, threads, command=_command())
+    click.echo(format_table([{**m, "name": Path(target).name}]))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--expect", type=click.Path(), default=None, help="JSON with accuracy/parity floors and ceilings.")
+def check(artifact, expect):
+    """Gate an artifact: hashes, onnx.checker, op set, integer weights, parity, accuracy floors (exit 0 or 1)."""
+    from qpipe.runtime.check import check as run
+    from qpipe.runtime.check import format_results
+
+    results = run(artifact, expect)
+    click.echo(format_results(results))
+    failed = [r for r in results if not r.ok]
+    click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1)
+@click.option("--model", default="digits-cnn", show_default=True)
+@click.option("--data", default="digits", show_default=True)
+@click.option("--weights", type=click.Path(), default=None)
+@click.option("--out-root", type=click.Path(file_okay=False), default="artifacts/runs", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--expect-dir", type=click.Path(file_okay=False), default="artifacts/expected", show_default=True)
+def run(recipes, model, data, weights, out_root, overrides, expect_dir):
+    """Calibrate, export, evaluate (torch and ort) and check each recipe; print one comparison table.
+
+    With no RECIPES: the bundled default, the demo CNN on digits as FP32, W8A8 and W4A8.
+    """
+    from qpipe.artifact import Artifact
+    from qpipe.export import export as run_export
+    from qpipe.pipeline.calibrate import calibrate as run_calibrate
+    from qpipe.runtime.check import check as run_check
+    from qpipe.runtime.check import format_results
+    from qpipe.runtime.evaluate import evaluate as run_evaluate
+    from qpipe.runtime.evaluate import format_table
+
+    rows, failures = [], []
+    for recipe in recipes or DEFAULT_RUN:
+        name = Path(recipe).stem
+        out = Path(out_root) / name
+        if out.exists():
+            Artifact(out)  # refuses to delete a folder that is not an artifact
+            shutil.rmtree(out)
+        click.echo(f"== {name}: calibrate -> export -> evaluate -> check  ({out})", err=True)
+        art = run_calibrate(model, data, recipe, out, weights=weights, overrides=overrides, command=_command())
+        run_export(art, "qdq", command=_command())
+        mt = run_evaluate(art.path, backend="torch", command=_command())
+        mo = run_evaluate(art.path, backend="ort", command=_command())
+        rows += [{**mt, "name": name}, {**mo, "name": name}]
+        expect = Path(expect_dir) / f"{name}.json"
+        results = run_check(art, expect if expect.is_file() else None)
+        bad = [r for r in results if not r.ok]
+        click.echo(format_results(results), err=True)
+        if bad:
+            failures.append(name)
+    click.echo(format_table(rows, title=f"{model} on {data} (test split; steps = ORT vs torch, validation/optimised)"))
+    if failures:
+        click.echo(f"error: qpipe check failed for {', '.join(failures)}", err=True)
+        sys.exit(1)
+
+
+def main(argv=None) -> None:
+    """Entry point: user errors print one line on stderr and exit 2 (QPIPE_DEBUG=1 shows tracebacks)."""
+    debug = os.environ.get("QPIPE_DEBUG") == "1"
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="qpipe")
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        msg = e.format_message().replace("\n", " ")
+        ctx = getattr(e, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        click.echo(f"error: {msg}{where}", err=True)
+        sys.exit(2)
+    except QpipeError as e:
+        if debug:
+            raise
+        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        click.echo(f"error: internal {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                   "(rerun with QPIPE_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
