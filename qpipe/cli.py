@@ -168,6 +168,7 @@ def main(argv=None) -> None:
     debug = os.environ.get("QPIPE_DEBUG") == "1"
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="qpipe")
+        sys.exit(0)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:

@@ -17,7 +17,15 @@ from qpipe.artifact import Artifact, hash_files, staging_dir, write_atomic, writ
 from qpipe.errors import QpipeError
 from qpipe.recipe import Recipe, dump_recipe, load_recipe
 
-from .qmodel import ActQuant, Prepared, calibrate_activations, mode, prepare, quantize_biases, quantize_weights
+from .qmodel import (
+    ActQuant,
+    Prepared,
+    calibrate_activations,
+    mode,
+    prepare,
+    quantize_biases,
+    quantize_weights,
+)
 
 OPSET_GRAPH = 20  # the TorchScript exporter's highest opset; the QDQ exporter converts to its own opset
 

@@ -3,14 +3,12 @@ with the command, seed and test accuracy beside it."""
 
 from __future__ import annotations
 
-
 import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from tqdm import tqdm
 
 from qpipe.artifact import write_atomic, write_json

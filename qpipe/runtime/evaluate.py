@@ -27,6 +27,8 @@ def _topk(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
 
 def _resolve(target: str | Path) -> tuple[Artifact | None, Path, str]:
     p = Path(target)
+    if not p.exists():
+        raise QpipeError(f"{target} does not exist (give an artifact folder or an .onnx file)")
     if p.is_dir():
         art = Artifact(p)
         for fmt in ("qdq", "fp32"):
