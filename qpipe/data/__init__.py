@@ -85,7 +85,11 @@ def npz(path: str) -> TensorSource:
         x = arrays[xk].astype(np.float32)
         if x.ndim == 3:
             x = x[:, None]
-        y = arrays[yk].astype(np.int64).reshape(-1)
+        yraw = arrays[yk].reshape(-1)
+        if yraw.dtype.kind not in "iuf" or (yraw.size and (not np.isfinite(yraw).all() or (yraw < 0).any()
+                                                          or (yraw != np.round(yraw)).any())):
+            raise QpipeError(f"data file {path}: labels {yk} must be non-negative integers")
+        y = yraw.astype(np.int64)
         if x.ndim != 4 or len(x) != len(y):
             raise QpipeError(f"data file {path}: {xk} must be N x C x H x W with one label per image, "
                              f"got {arrays[xk].shape} and {arrays[yk].shape}")
@@ -149,8 +153,11 @@ class ImageFolderSource:
         if not r.is_dir():
             raise QpipeError(f"imagenet:{root} is not a directory")
         self.name, self.resize, self.crop = f"imagenet:{root}", resize, crop
-        test_dir = r / "val" if (r / "val").is_dir() else r
-        train_dir = r / "train" if (r / "train").is_dir() else test_dir
+        # DIR/val and DIR/train; either alone serves all splits; without both, DIR/CLASS serves all splits
+        # (then calibration reads the evaluation images: give a train/ folder to keep them apart)
+        train_dir = r / "train" if (r / "train").is_dir() else None
+        test_dir = r / "val" if (r / "val").is_dir() else (train_dir or r)
+        train_dir = train_dir or test_dir
         classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
         if not classes:
             raise QpipeError(f"imagenet:{root}: no class folders found in {train_dir}")
@@ -195,7 +202,7 @@ class ImageFolderSource:
         if shuffle_seed is not None:
             perm = np.random.default_rng(shuffle_seed).permutation(len(items))
             items = [items[i] for i in perm]
-        items = items[: limit or len(items)]
+        items = items if limit is None else items[:limit]
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
             yield torch.stack([self.load(f) for f, _ in chunk]), torch.tensor([c for _, c in chunk])

@@ -56,8 +56,8 @@ def _load_callable(spec: str) -> Callable[[], nn.Module]:
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
-            raise QpipeError(f"could not import module {target!r}: {e}") from e
+        except Exception as e:  # the user's module: report, don't trace back
+            raise QpipeError(f"could not import module {target!r}: {type(e).__name__}: {e}") from e
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise QpipeError(f"{target} has no callable {attr!r}")

@@ -1,0 +1,62 @@
+"""The QDQ export of ResNet18 fuses in onnxruntime and is small on disk.
+
+ResNet18 (random weights, BN default statistics) is calibrated on 16 synthetic images once per recipe
+(module-scoped fixtures) and exported; the W8A8 QDQ file is loaded with every graph optimisation on, and the
+optimised graph onnxruntime saves must run every Conv and every residual Add as a fused integer kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import onnx
+import pytest
+
+import qpipe
+from qpipe.runtime.session import make_session
+
+DATA = "synthetic:3x224x224:16"
+OVERRIDES = ["calibration.images=16", "calibration.batch_size=8"]
+RESNET18_CONVS = 20  # 17 in the stem and the blocks, 3 downsample 1x1
+RESNET18_ADDS = 8    # one residual Add per BasicBlock
+
+
+def _artifact(tmp_path_factory, recipe: str):
+    out = tmp_path_factory.mktemp(f"resnet18-{recipe}") / "art"
+    art = qpipe.calibrate("resnet18", DATA, recipe, out, overrides=OVERRIDES, progress=False)
+    qpipe.export(art, "all")
+    return art
+
+
+@pytest.fixture(scope="module")
+def w8a8(tmp_path_factory):
+    return _artifact(tmp_path_factory, "w8a8")
+
+
+@pytest.fixture(scope="module")
+def w4a32(tmp_path_factory):
+    return _artifact(tmp_path_factory, "w4a32")
+
+
+def test_w8a8_resnet18_fuses_every_conv_and_add(w8a8, tmp_path):
+    opt = tmp_path / "opt.onnx"
+    make_session(w8a8.file("model.qdq.onnx"), optimized=True, optimized_model_path=opt)
+    ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(str(opt)).graph.node)
+    assert ops[("com.microsoft", "QLinearConv")] == RESNET18_CONVS, ops
+    assert ops[("com.microsoft", "QLinearAdd")] == RESNET18_ADDS, ops
+    float_left = {k: v for k, v in ops.items() if k[1] in ("Conv", "Add", "FusedConv")}
+    assert not float_left, f"float Conv/Add left in the optimised graph: {float_left}"
+
+
+@pytest.mark.parametrize(("recipe", "limit"), [
+    ("w8a8", 0.27),
+    pytest.param("w4a32", 0.15, marks=pytest.mark.xfail(strict=True, reason=(
+        "qpipe/export/qdq.py _weight_tensors writes INT4 weights with helper.make_tensor(list), i.e. as "
+        "varint int32_data (~1.44 bytes per packed byte) instead of raw packed nibbles: 17.9% of FP32, "
+        "13.2% with raw=True packing"))),
+])
+def test_qdq_file_size_vs_fp32(recipe, limit, request):
+    art = request.getfixturevalue(recipe)
+    qdq = art.file("model.qdq.onnx").stat().st_size
+    fp32 = art.file("model.fp32.onnx").stat().st_size
+    assert qdq / fp32 <= limit, f"{recipe}: model.qdq.onnx is {100 * qdq / fp32:.1f}% of model.fp32.onnx"
