@@ -76,16 +76,21 @@ def _weight_tensors(name: str, q: np.ndarray, zp: np.ndarray, bits: int, contain
             numpy_helper.from_array(zp.astype(np.int8), f"{name}_zero_point"))
 
 
-def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bool, layout: str, opset: int) -> str:
+WEIGHT_LAYOUTS = ("auto", "int8")  # int8: never switch to uint8 (unsafe on x86 u8 x s8; for diagnosis only)
+
+
+def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bool, layout: str, opset: int,
+                     weight_layout: str = "auto") -> str:
     if opset >= 21 and bits <= 4 and users and all(u == "Conv" for u in users):
-        return "int4"
-    if layout == "u8" and fused_input and np.abs(q.astype(np.int32)).max(initial=0) > U8S8_SAFE_WEIGHT:
+        return "int4"  # Conv only: onnxruntime rewrites INT4 DequantizeLinear->MatMul into approximate MatMulNBits
+    if (weight_layout == "auto" and layout == "u8" and fused_input
+            and np.abs(q.astype(np.int32)).max(initial=0) > U8S8_SAFE_WEIGHT):
         return "uint8"
     return "int8"
 
 
 def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray], *, layout: str = "u8",
-              opset: int = DEFAULT_OPSET, strip_only: bool = False) -> onnx.ModelProto:
+              opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "auto") -> onnx.ModelProto:
     """Replace the Mark nodes of ``graph``. ``strip_only`` gives the plain float model (marks dropped)."""
     if layout not in LAYOUTS:
         raise QpipeError(f"unknown activation layout {layout!r}; use one of {LAYOUTS}")
@@ -120,7 +125,8 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
             if rec["kind"] == "weight":
                 users = [u.op_type for u in consumers.get(y, [])]
                 layer = qparams["layers"].get(name.removesuffix(".weight"), {})
-                container = weight_container(q, rec["bits"], users, layer.get("input") is not None, layout, opset)
+                container = weight_container(q, rec["bits"], users, layer.get("input") is not None, layout, opset,
+                                             weight_layout)
                 t, zt = _weight_tensors(name, q, np.asarray(rec["zero_point"]), rec["bits"], container)
             else:
                 t = numpy_helper.from_array(q.astype(np.int32), f"{name}_quantized")
@@ -199,13 +205,15 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DEFAULT_OPSET, layout: str = "u8",
-           command: str | None = None) -> list[Path]:
+           command: str | None = None, weight_layout: str = "auto") -> list[Path]:
     """Write ``model.qdq.onnx`` (and/or ``model.fp32.onnx``) into the artifact folder."""
     art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
     if format not in FORMATS:
         raise QpipeError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if not 13 <= opset <= 21:
         raise QpipeError(f"--opset {opset} is outside 13..21 (per-axis QDQ needs 13, INT4 weights 21)")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise QpipeError(f"unknown weight layout {weight_layout!r}; use one of {WEIGHT_LAYOUTS}")
     graph = _load(art.file("graph.onnx"))
     qparams = art.qparams
     try:
@@ -215,9 +223,11 @@ def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DE
     written = []
     todo = {"qdq": ["qdq"], "fp32": ["fp32"], "all": ["qdq", "fp32"]}[format]
     for f in todo:
-        model = build_qdq(graph, qparams, ints, layout=layout, opset=opset, strip_only=(f == "fp32"))
+        model = build_qdq(graph, qparams, ints, layout=layout, opset=opset, strip_only=(f == "fp32"),
+                          weight_layout=weight_layout)
         name = f"model.{f}.onnx"
-        model.doc_string = json.dumps({"qpipe_format": f, "layout": layout, "recipe": art.manifest.get("recipe")})
+        model.doc_string = json.dumps({"qpipe_format": f, "layout": layout, "weight_layout": weight_layout,
+                                       "recipe": art.manifest.get("recipe")})
         art.add_file(name, model.SerializeToString(), command if f == todo[-1] else None)
         written.append(art.file(name))
     return written

@@ -1,0 +1,48 @@
+"""Activation/weight containers: uint8 and int8 layouts carry the same numbers, and the parity gate catches
+onnxruntime's saturating u8 x s8 kernels when full-range int8 weights are forced."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import qpipe
+from qpipe.data import digits
+from qpipe.runtime.check import check
+from qpipe.runtime.evaluate import evaluate
+from qpipe.runtime.session import make_session
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layout") / "w8a8"
+    return qpipe.calibrate("digits-cnn", "digits", "w8a8", out, progress=False)
+
+
+def test_uint8_and_int8_activation_layouts_compute_the_same_logits(art, tmp_path):
+    x = digits().splits["test"][0].numpy()
+    logits = {}
+    for layout in ("u8", "s8"):
+        copy = tmp_path / layout
+        shutil.copytree(art.path, copy)
+        (path,) = qpipe.export(copy, "qdq", layout=layout)
+        logits[layout] = make_session(path, optimized=False).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(logits["u8"], logits["s8"])
+
+
+def test_parity_gate_catches_saturating_full_range_int8_weights(art, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(art.path, bad)
+    qpipe.export(bad, "qdq", weight_layout="int8")  # int8 weights up to +-127 against uint8 activations
+    m = evaluate(bad, progress=False, latency=False)
+    assert m["parity"]["max_abs_diff_steps"] <= 1           # the graph as written is right ...
+    assert m["parity_optimized"]["max_abs_diff_steps"] > 2  # ... the fused u8 x s8 kernel saturates
+    failed = [r.name for r in check(bad) if not r.ok]
+    assert failed == ["parity_optimized.max_abs_diff_steps <= 2"]
+
+    good = tmp_path / "good"
+    shutil.copytree(art.path, good)
+    qpipe.export(good, "qdq")  # auto: those weights go to uint8 + 128 and the exact u8 x u8 kernel
+    m = evaluate(good, progress=False, latency=False)
+    assert m["parity_optimized"]["max_abs_diff_steps"] <= 1
+    assert all(r.ok for r in check(good))
