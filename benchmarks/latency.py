@@ -44,7 +44,8 @@ MODELS = [
     {"model": "resnet18", "data": "synthetic:3x224x224:16", "overrides": RESNET_OVERRIDES, "ort_control": True,
      "runs_factor": 1},
 ]
-RECIPES = {"w8a8": "qpipe W8A8 QDQ", "w4a8": "qpipe W4A8 QDQ"}
+RECIPES = {"w8a8": "qpipe W8A8 QDQ", "w7a8": "qpipe W7A8 QDQ (|w| <= 64: u8 x s8 kernel)",
+           "w4a8": "qpipe W4A8 QDQ"}
 ORT_LABEL = "onnxruntime quantize_static QDQ (U8 act / S8 weight, per-channel)"
 FP32_LABEL = "FP32"
 BATCHES = (1, 8)

@@ -76,11 +76,13 @@ def calibrate(model, data, recipe, out, weights, overrides, seed, device):
 @click.option("--opset", type=int, default=21, show_default=True)
 @click.option("--layout", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
               help="Activation container: uint8 (fastest in onnxruntime on x86) or int8.")
-def export(artifact, fmt, opset, layout):
+@click.option("--int4/--no-int4", default=True, show_default=True,
+              help="Store <=4-bit conv weights as ONNX INT4 (smallest file) or in int8 (fuses into QLinearConv).")
+def export(artifact, fmt, opset, layout, int4):
     """Write model.qdq.onnx (and/or model.fp32.onnx) into an artifact folder."""
     from qpipe.export import export as run
 
-    for p in run(artifact, fmt, opset, layout, command=_command()):
+    for p in run(artifact, fmt, opset, layout, command=_command(), int4=int4):
         click.echo(f"wrote {p} ({p.stat().st_size / 1024:.1f} KiB)")
 
 

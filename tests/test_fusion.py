@@ -48,13 +48,7 @@ def test_w8a8_resnet18_fuses_every_conv_and_add(w8a8, tmp_path):
     assert not float_left, f"float Conv/Add left in the optimised graph: {float_left}"
 
 
-@pytest.mark.parametrize(("recipe", "limit"), [
-    ("w8a8", 0.27),
-    pytest.param("w4a32", 0.15, marks=pytest.mark.xfail(strict=True, reason=(
-        "qpipe/export/qdq.py _weight_tensors writes INT4 weights with helper.make_tensor(list), i.e. as "
-        "varint int32_data (~1.44 bytes per packed byte) instead of raw packed nibbles: 17.9% of FP32, "
-        "13.2% with raw=True packing"))),
-])
+@pytest.mark.parametrize(("recipe", "limit"), [("w8a8", 0.27), ("w4a32", 0.15)])
 def test_qdq_file_size_vs_fp32(recipe, limit, request):
     art = request.getfixturevalue(recipe)
     qdq = art.file("model.qdq.onnx").stat().st_size

@@ -62,12 +62,20 @@ class _Builder:
         return name
 
 
+def _int4_tensor(name: str, a: np.ndarray) -> onnx.TensorProto:
+    """ONNX INT4 as raw packed nibbles (element 2i in the low nibble, 2i+1 in the high one); a list would be
+    stored as varint int32_data, about 1.4x larger."""
+    flat = np.asarray(a, dtype=np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    packed = ((flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, np.shape(a), packed.tobytes(), raw=True)
+
+
 def _weight_tensors(name: str, q: np.ndarray, zp: np.ndarray, bits: int, container: str):
     """Integer weight initializer and its zero point in ``container``: int4 | int8 | uint8 (+128)."""
     if container == "int4":
-        t = helper.make_tensor(f"{name}_quantized", TensorProto.INT4, q.shape, q.astype(np.int8).reshape(-1).tolist())
-        z = helper.make_tensor(f"{name}_zero_point", TensorProto.INT4, zp.shape, zp.astype(np.int8).reshape(-1).tolist())
-        return t, z
+        return _int4_tensor(f"{name}_quantized", q), _int4_tensor(f"{name}_zero_point", zp)
     if container == "uint8":
         t = numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), f"{name}_quantized")
         z = numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), f"{name}_zero_point")
@@ -80,8 +88,8 @@ WEIGHT_LAYOUTS = ("auto", "int8")  # int8: never switch to uint8 (unsafe on x86 
 
 
 def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bool, layout: str, opset: int,
-                     weight_layout: str = "auto") -> str:
-    if opset >= 21 and bits <= 4 and users and all(u == "Conv" for u in users):
+                     weight_layout: str = "auto", int4: bool = True) -> str:
+    if int4 and opset >= 21 and bits <= 4 and users and all(u == "Conv" for u in users):
         return "int4"  # Conv only: onnxruntime rewrites INT4 DequantizeLinear->MatMul into approximate MatMulNBits
     if (weight_layout == "auto" and layout == "u8" and fused_input
             and np.abs(q.astype(np.int32)).max(initial=0) > U8S8_SAFE_WEIGHT):
@@ -90,7 +98,8 @@ def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bo
 
 
 def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray], *, layout: str = "u8",
-              opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "auto") -> onnx.ModelProto:
+              opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "auto",
+              int4: bool = True) -> onnx.ModelProto:
     """Replace the Mark nodes of ``graph``. ``strip_only`` gives the plain float model (marks dropped)."""
     if layout not in LAYOUTS:
         raise QpipeError(f"unknown activation layout {layout!r}; use one of {LAYOUTS}")
@@ -126,7 +135,7 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
                 users = [u.op_type for u in consumers.get(y, [])]
                 layer = qparams["layers"].get(name.removesuffix(".weight"), {})
                 container = weight_container(q, rec["bits"], users, layer.get("input") is not None, layout, opset,
-                                             weight_layout)
+                                             weight_layout, int4)
                 t, zt = _weight_tensors(name, q, np.asarray(rec["zero_point"]), rec["bits"], container)
             else:
                 t = numpy_helper.from_array(q.astype(np.int32), f"{name}_quantized")
@@ -205,8 +214,11 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DEFAULT_OPSET, layout: str = "u8",
-           command: str | None = None, weight_layout: str = "auto") -> list[Path]:
-    """Write ``model.qdq.onnx`` (and/or ``model.fp32.onnx``) into the artifact folder."""
+           command: str | None = None, weight_layout: str = "auto", int4: bool = True) -> list[Path]:
+    """Write ``model.qdq.onnx`` (and/or ``model.fp32.onnx``) into the artifact folder.
+
+    ``int4``: store <=4-bit Conv weights as ONNX INT4 (smallest file; onnxruntime then runs those convs as
+    DequantizeLinear + float Conv); False keeps them in int8 so they fuse into QLinearConv (faster)."""
     art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
     if format not in FORMATS:
         raise QpipeError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
@@ -224,7 +236,7 @@ def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DE
     todo = {"qdq": ["qdq"], "fp32": ["fp32"], "all": ["qdq", "fp32"]}[format]
     for f in todo:
         model = build_qdq(graph, qparams, ints, layout=layout, opset=opset, strip_only=(f == "fp32"),
-                          weight_layout=weight_layout)
+                          weight_layout=weight_layout, int4=int4)
         name = f"model.{f}.onnx"
         model.doc_string = json.dumps({"qpipe_format": f, "layout": layout, "weight_layout": weight_layout,
                                        "recipe": art.manifest.get("recipe")})
