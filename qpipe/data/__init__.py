@@ -208,6 +208,40 @@ class ImageFolderSource:
             yield torch.stack([self.load(f) for f, _ in chunk]), torch.tensor([c for _, c in chunk])
 
 
+class IterableSource:
+    """Any iterable of ``(x, y)`` batches (the Python API's ``data``): every split reads the same batches."""
+
+    def __init__(self, batches, num_classes: int | None = None):
+        self.name = f"<{type(batches).__name__}>"
+        self.items = [(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
+                      for x, y in batches]
+        if not self.items or sum(len(x) for x, _ in self.items) == 0:
+            raise QpipeError("data: the iterable of (x, y) batches is empty")
+        self.input_shape = tuple(self.items[0][0].shape[1:])
+        self.num_classes = num_classes or int(max(int(y.max()) for _, y in self.items)) + 1
+
+    def size(self, split: str) -> int:
+        return sum(len(x) for x, _ in self.items)
+
+    def batches(self, split: str, batch_size: int = 0, limit: int | None = None, shuffle_seed: int | None = None):
+        seen = 0
+        for x, y in self.items:
+            if limit is not None and seen >= limit:
+                return
+            take = len(x) if limit is None else min(len(x), limit - seen)
+            seen += take
+            yield x[:take], y[:take]
+
+
+def as_source(data, default_shape: tuple[int, ...] = (1, 8, 8)):
+    """A data source from a spec string, a source object, or an iterable of ``(x, y)`` batches."""
+    if isinstance(data, str):
+        return load_data(data, default_shape)
+    if hasattr(data, "batches") and hasattr(data, "input_shape"):
+        return data
+    return IterableSource(data)
+
+
 def load_data(spec: str, default_shape: tuple[int, ...] = (1, 8, 8)):
     """A data source from its spec string."""
     kind, _, arg = spec.partition(":")

@@ -90,7 +90,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
               weights: str | None = None, overrides=(), seed: int | None = None, device: str = "cpu",
               command: str | None = None, progress: bool = True) -> Artifact:
     """Quantize ``model`` on ``data``'s calibration split by ``recipe`` and write the artifact ``out``."""
-    from qpipe.data import load_data
+    from qpipe.data import as_source
     from qpipe.models import load_model
 
     if not isinstance(recipe, Recipe) or overrides or seed is not None:
@@ -102,7 +102,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     model_spec = model if isinstance(model, str) else f"<in-memory {type(model).__name__}>"
     if isinstance(model, str):
         model = load_model(model, weights)
-    source = load_data(data) if isinstance(data, str) else data
+    source = as_source(data)
     torch.manual_seed(recipe.seed)
     p = prepare(model, recipe)
     dev = torch.device(device)

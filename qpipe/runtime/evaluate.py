@@ -68,14 +68,17 @@ def output_step(art: Artifact | None) -> float | None:
     return float(q["tensors"][name]["scale"]) if name else None
 
 
-def evaluate(target: str | Path, data: str | None = None, backend: str = "ort", device: str = "cpu",
+def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = "cpu",
              batch_size: int = 64, latency: bool = True, limit: int | None = None, threads: int | None = None,
-             write: bool = True, command: str | None = None, progress: bool = True) -> dict:
-    """Evaluate on the test split; returns (and writes to the artifact) the metrics dict."""
+             write: bool = True, command: str | None = None, progress: bool = True, model=None) -> dict:
+    """Evaluate on the test split; returns (and writes to the artifact) the metrics dict.
+
+    ``data``: a spec string, a source or an iterable of ``(x, y)`` batches (default: the artifact's data).
+    ``model``: the float ``nn.Module`` an artifact was calibrated from in memory (for the torch side)."""
     import torch
     from tqdm import tqdm
 
-    from qpipe.data import load_data
+    from qpipe.data import as_source
 
     if backend not in ("ort", "torch"):
         raise QpipeError(f"unknown backend {backend!r}; use ort or torch")
@@ -87,17 +90,25 @@ def evaluate(target: str | Path, data: str | None = None, backend: str = "ort", 
         if not data:
             raise QpipeError("no --data given and the artifact does not record its data")
     shape = tuple(art.qparams["input_shape"]) if art else (1, 8, 8)
-    source = load_data(data, shape)
+    source = as_source(data, shape)
+    data = data if isinstance(data, str) else getattr(source, "name", "<data>")
     if source.size("test") == 0:
         raise QpipeError(f"data {data}: the test split is empty")
 
     qmodel = None
     if art is not None and (backend == "torch" or fmt == "qdq"):
-        from qpipe.pipeline.calibrate import load_quantized
+        from qpipe.pipeline.calibrate import load_quantized, load_quantized_from
 
-        qmodel = load_quantized(art)
-        if device == "cuda":
-            qmodel = qmodel.cuda()
+        if model is not None:
+            import copy
+
+            qmodel = load_quantized_from(copy.deepcopy(model), art)
+        elif str(art.manifest.get("model", "")).startswith("<in-memory") and backend == "ort":
+            qmodel = None  # calibrated from an nn.Module that is not at hand: no parity without it
+        else:
+            qmodel = load_quantized(art)
+    if qmodel is not None and device == "cuda":
+        qmodel = qmodel.cuda()
     if backend == "torch" and qmodel is None:
         raise QpipeError("--backend torch needs an artifact folder (the PyTorch quantized model)")
 
