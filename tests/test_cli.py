@@ -116,6 +116,14 @@ def test_missing_paths(capsys, tmp_path):
         assert_one_line_error(code, err, "does not exist")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_says_so(capsys, tmp_path, artifact):
+    code, _, err = run_cli(capsys, "calibrate", "--model", "digits-cnn", "--device", "cuda", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "cuda")
+    code, _, err = run_cli(capsys, "evaluate", str(artifact), "--device", "cuda", "--no-latency")
+    assert_one_line_error(code, err, "cuda")
+
+
 def test_unknown_option_is_one_line(capsys):
     code, _, err = run_cli(capsys, "export", "x", "--colour", "red")
     assert_one_line_error(code, err, "--colour")

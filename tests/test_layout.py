@@ -46,3 +46,16 @@ def test_parity_gate_catches_saturating_full_range_int8_weights(art, tmp_path):
     m = evaluate(good, progress=False, latency=False)
     assert m["parity_optimized"]["max_abs_diff_steps"] <= 1
     assert all(r.ok for r in check(good))
+
+
+def test_activations_below_8_bits_clip_to_their_grid_in_onnx(tmp_path):
+    art = qpipe.calibrate("digits-cnn", "digits", "w8a8", tmp_path / "a4", progress=False,
+                          overrides=["activations.bits=4", "calibration.images=128"])
+    (path,) = qpipe.export(art, "qdq")
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Clip") == ops.count("QuantizeLinear")  # every 4-bit activation is clipped to 16 levels
+    m = evaluate(art.path, progress=False, latency=False)
+    assert m["parity"]["max_abs_diff_steps"] <= 1 and m["parity_optimized"]["max_abs_diff_steps"] <= 1
+    assert m["accuracy"]["top1"] >= 0.95

@@ -108,6 +108,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         else:
             qmodel = load_quantized(art)
     if qmodel is not None and device == "cuda":
+        if not torch.cuda.is_available():
+            raise QpipeError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
         qmodel = qmodel.cuda()
     if backend == "torch" and qmodel is None:
         raise QpipeError("--backend torch needs an artifact folder (the PyTorch quantized model)")
