@@ -62,7 +62,6 @@ class _QWeightMixin:
         self.register_buffer("weight_zero_point", None)
         self.register_buffer("bias_int", None)
         self.register_buffer("bias_scale", None)
-        self.wspec: QuantSpec | None = None
         self.qname = ""
 
     def qweight(self) -> torch.Tensor:
@@ -79,9 +78,6 @@ class _QWeightMixin:
         if _STATE["mode"] == "mark":
             return Mark.apply(self.bias, f"{self.qname}.bias")
         return self.bias_int.float() * self.bias_scale
-
-    def set_spec(self, spec: QuantSpec | None):
-        self.wspec = spec
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for k in ("weight_int", "weight_scale", "weight_zero_point", "bias_int", "bias_scale"):
@@ -293,7 +289,6 @@ def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, dict]:
         m = p.gm.get_submodule(name)
         bits = weight_bits(recipe, i, len(p.layers))
         if bits == FLOAT_BITS:
-            m.set_spec(None)
             continue
         per_channel = w.granularity == "per_channel"
         spec = QuantSpec(bits, signed=True, symmetric=w.symmetric, axis=0 if per_channel else None)
@@ -305,7 +300,6 @@ def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, dict]:
         axis = 0 if per_channel else None
         sz = (s, z.double()) if per_channel else (s[0], z[0].double())
         q = quantize(wt, sz[0], sz[1], spec.qmin, spec.qmax, axis, w.rounding, gen)
-        m.set_spec(spec)
         m.weight_int = q.to(torch.int8)
         m.weight_scale = s.float() if per_channel else s[0].float().reshape(())
         m.weight_zero_point = z.to(torch.int32) if per_channel else z[0].to(torch.int32).reshape(())

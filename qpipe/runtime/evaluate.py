@@ -107,6 +107,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
             qmodel = None  # calibrated from an nn.Module that is not at hand: no parity without it
         else:
             qmodel = load_quantized(art)
+    dev = torch.device(device)
     if qmodel is not None and device == "cuda":
         if not torch.cuda.is_available():
             raise QpipeError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
@@ -129,7 +130,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         torch_logits = None
         if qmodel is not None:
             with torch.no_grad():
-                torch_logits = qmodel(x.to(next(iter(qmodel.buffers()), torch.zeros(0)).device)).float().cpu().numpy()
+                torch_logits = qmodel(x.to(dev)).float().cpu().numpy()
         main = ort_logits if backend == "ort" else torch_logits
         t1, t5 = _topk(main, yn)
         top1, top5, n = top1 + t1, top5 + t5, n + len(yn)
@@ -163,7 +164,6 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
             xn = xb.numpy()
             ms = _timeit(lambda: fast.run(None, {"input": xn}))
         else:
-            dev = next(iter(qmodel.buffers()), torch.zeros(0)).device
             xt = xb.to(dev)
 
             def fn():
