@@ -50,6 +50,23 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class AdaRound:
+    """Learned rounding (used when ``weights.rounding: adaround``)."""
+
+    iters: int = 10_000               # per unit
+    batch_size: int = 32
+    granularity: str = "layer"        # layer | block | encoder | model
+    lr: float = 1e-3                  # Adam on V (0.01 also works well: ALGORITHMS.md section 3)
+    reg_weight: float = 0.01          # lambda, with the regulariser summed over weights
+    beta: tuple[float, float] = (20.0, 2.0)  # annealed start -> end after the warm-up
+    warmup: float = 0.2               # share of iterations without the regulariser
+    early_stop: float = 1e-5          # stop once lambda * regulariser falls below this
+    lsq: bool = False                 # learn activation step sizes (LSQ) jointly, as BRECQ
+    lsq_lr: float = 4e-5
+    cache_mb: int = 2048              # unit inputs/targets kept in memory up to this, then memory-mapped
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     fold_bn: bool = True
@@ -57,6 +74,7 @@ class Recipe:
     weights: Weights = field(default_factory=Weights)
     activations: Activations = field(default_factory=Activations)
     calibration: Calibration = field(default_factory=Calibration)
+    adaround: AdaRound = field(default_factory=AdaRound)
 
     @property
     def quantizes_weights(self) -> bool:
@@ -73,10 +91,11 @@ class Recipe:
 CHOICES = {
     "weights.observer": ("absmax", "minmax", "lp_norm", "sqnr", "mse"),
     "weights.granularity": ("per_channel", "per_tensor"),
-    "weights.rounding": ("nearest", "floor", "ceil", "stochastic"),
+    "weights.rounding": ("nearest", "floor", "ceil", "stochastic", "adaround"),
+    "adaround.granularity": ("layer", "block", "encoder", "model"),
     "activations.observer": ("minmax", "ema_minmax", "ema_absmax", "percentile", "mse", "sqnr", "lp_norm"),
 }
-SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calibration}
+SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calibration, "adaround": AdaRound}
 
 
 def _check_type(key: str, value: Any, ftype: str) -> Any:
@@ -93,6 +112,11 @@ def _check_type(key: str, value: Any, ftype: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise QpipeError(f"recipe key {key} must be a number, got {value!r}")
         value = float(value)
+    elif ftype == "tuple[float, float]":
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise QpipeError(f"recipe key {key} must be a pair of numbers [start, end], got {value!r}")
+        value = (float(value[0]), float(value[1]))
     elif ftype == "str" and not isinstance(value, str):
         raise QpipeError(f"recipe key {key} must be a string, got {value!r}")
     return value
@@ -139,6 +163,25 @@ def validate(r: Recipe) -> Recipe:
         raise QpipeError(f"activations.percentile = {r.activations.percentile} must lie in (50, 100]")
     if r.weights.p <= 0 or r.activations.p <= 0:
         raise QpipeError("the p of lp_norm must be positive")
+    ada = r.adaround
+    if ada.iters < 1:
+        raise QpipeError(f"adaround.iters = {ada.iters} must be at least 1")
+    if ada.batch_size < 1:
+        raise QpipeError(f"adaround.batch_size = {ada.batch_size} must be at least 1")
+    if not ada.beta[0] >= ada.beta[1] > 0:
+        raise QpipeError(f"adaround.beta = {list(ada.beta)} must fall: [start, end] with start >= end > 0 "
+                         "(e.g. [20, 2])")
+    if not 0 <= ada.warmup < 1:
+        raise QpipeError(f"adaround.warmup = {ada.warmup} must lie in [0, 1)")
+    for key in ("lr", "lsq_lr"):
+        if not getattr(ada, key) > 0:
+            raise QpipeError(f"adaround.{key} = {getattr(ada, key)} must be positive")
+    if ada.reg_weight < 0 or ada.early_stop < 0 or ada.cache_mb < 0:
+        raise QpipeError("adaround.reg_weight, early_stop and cache_mb must not be negative")
+    if ada.lsq and not r.quantizes_activations:
+        raise QpipeError("adaround.lsq learns activation step sizes, but activations.bits is 32 (float)")
+    if r.weights.rounding == "adaround" and not r.quantizes_weights:
+        raise QpipeError("weights.rounding = adaround needs quantized weights (weights.bits 2..8)")
     return r
 
 

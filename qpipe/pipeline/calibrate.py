@@ -25,6 +25,7 @@ from .qmodel import (
     prepare,
     quantize_biases,
     quantize_weights,
+    weight_sqnr,
 )
 
 OPSET_GRAPH = 20  # the TorchScript exporter's highest opset; the QDQ exporter converts to its own opset
@@ -121,10 +122,29 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
 
     weight_info = quantize_weights(p, recipe)
     n = calibrate_activations(p, recipe, batches()) if p.act else 0
+    report = None
+    workdir = Path(str(out) + ".partial")  # AdaRound's finished units, kept until the artifact is whole
+    if recipe.weights.rounding == "adaround":
+        from .adaround import reconstruct, run_key
+
+        xs = [x for x, _ in source.batches("calib", recipe.calibration.batch_size, recipe.calibration.images)]
+        if not xs:
+            raise QpipeError("calibration data is empty")
+        images = torch.cat(xs)
+        key = run_key({"recipe": recipe.to_dict(), "model": model_spec, "weights": weights,
+                       "data": data if isinstance(data, str) else None, "n": len(images),
+                       "images": float(images.double().sum())})
+        report = reconstruct(p, recipe, images, workdir, key, device=device, progress=progress,
+                             cache_mb=recipe.adaround.cache_mb)
+        n = n or len(images)
+        weight_info = {name: {"bits": info["bits"],
+                              "sqnr_db": weight_sqnr(p.gm.get_submodule(name))} for name, info in weight_info.items()}
     quantize_biases(p)
     p.gm.cpu()
     shape = tuple(source.input_shape)
     record = qparams_record(p, recipe, weight_info, shape)
+    if report is not None:
+        record["adaround"] = report
     graph = export_graph(p, shape)
 
     with staging_dir(out) as tmp:
@@ -152,6 +172,10 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
             "files": hash_files(tmp, ["recipe.yaml", "quantized.safetensors", "qparams.json", "graph.onnx"]),
         }
         write_json(tmp / "manifest.json", manifest)
+    if workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
     return Artifact(out)
 
 

@@ -20,7 +20,7 @@ from qpipe.recipe import FLOAT_BITS, Recipe
 
 from .fold import fold_batchnorm, trace
 from .observers import ActivationObserver, estimate
-from .quant import QuantSpec, dequantize, fake_quantize, quantize
+from .quant import QuantSpec, dequantize, fake_quantize, fake_quantize_ste, lsq_fake_quantize, quantize
 
 MARK_DOMAIN = "qpipe.mark"
 
@@ -70,6 +70,9 @@ class _QWeightMixin:
             return self.weight
         if _STATE["mode"] == "mark":
             return Mark.apply(self.weight, f"{self.qname}.weight")
+        ada = self.__dict__.get("ada")  # AdaRound: soft weights while the rounding is learned
+        if ada is not None:
+            return ada.soft()
         return dequantize(self.weight_int, self.weight_scale, self.weight_zero_point, 0)
 
     def qbias(self) -> torch.Tensor | None:
@@ -131,6 +134,10 @@ class ActQuant(nn.Module):
             return x
         if m == "mark":
             return Mark.apply(x, self.source or self.qname)
+        if "lsq_scale" in self.__dict__:  # LSQ step being learned during reconstruction
+            return lsq_fake_quantize(x, self.lsq_scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
+        if self.__dict__.get("ste"):     # inside a reconstruction unit: let gradients through
+            return fake_quantize_ste(x, self.scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
 
 
@@ -299,13 +306,20 @@ def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, dict]:
         gen = torch.Generator().manual_seed(recipe.seed * 100_003 + i)
         axis = 0 if per_channel else None
         sz = (s, z.double()) if per_channel else (s[0], z[0].double())
-        q = quantize(wt, sz[0], sz[1], spec.qmin, spec.qmax, axis, w.rounding, gen)
+        rounding = "nearest" if w.rounding == "adaround" else w.rounding  # AdaRound starts from nearest
+        q = quantize(wt, sz[0], sz[1], spec.qmin, spec.qmax, axis, rounding, gen)
         m.weight_int = q.to(torch.int8)
+        m.weight_bits = bits
         m.weight_scale = s.float() if per_channel else s[0].float().reshape(())
         m.weight_zero_point = z.to(torch.int32) if per_channel else z[0].to(torch.int32).reshape(())
-        wq = dequantize(m.weight_int, m.weight_scale, m.weight_zero_point, axis)
-        info[name] = {"bits": bits, "sqnr_db": sqnr_db(m.weight, wq)}
+        info[name] = {"bits": bits, "sqnr_db": weight_sqnr(m)}
     return info
+
+
+def weight_sqnr(m) -> float:
+    """SQNR (dB) of a layer's dequantized integer weights against its float weights."""
+    wq = dequantize(m.weight_int, m.weight_scale, m.weight_zero_point, 0 if m.weight_scale.ndim else None)
+    return sqnr_db(m.weight, wq)
 
 
 def quantize_biases(p: Prepared) -> None:

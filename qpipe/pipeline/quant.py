@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   axis: int | None = None) -> torch.Tensor:
     """Quantize then dequantize in float32, exactly as ONNX QuantizeLinear -> DequantizeLinear."""
     return dequantize(quantize(x.float(), scale.float(), zero_point, qmin, qmax, axis), scale, zero_point, axis)
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: float, qmin: int, qmax: int) -> torch.Tensor:
+    """Fake quantization with straight-through rounding (gradient 1 inside the grid): for reconstruction."""
+    v = x / scale
+    v = (torch.round(v) - v).detach() + v
+    return (torch.clamp(v + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: float, qmin: int, qmax: int) -> torch.Tensor:
+    """LSQ (Esser et al. 2020): straight-through rounding and a learnable step whose gradient is
+    round(x/s) - x/s inside the grid and qmin - z / qmax - z outside, scaled by g = 1/sqrt(N * Q_P)."""
+    g = 1.0 / math.sqrt(x[0].numel() * max(qmax - zero_point, 1))
+    s = scale * g + (scale - scale * g).detach()
+    return fake_quantize_ste(x, s, zero_point, qmin, qmax)
