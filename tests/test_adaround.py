@@ -1,0 +1,198 @@
+"""AdaRound / BRECQ: the pieces against the NumPy reference, units on the traced graph, export of the learned
+integers, refusal of malformed recipes, and resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import qpipe
+from qpipe.cli import main
+from qpipe.models import load_model
+from qpipe.pipeline import adaround as ada
+from qpipe.pipeline.qmodel import prepare, quantize_weights
+from qpipe.pipeline.quant import lsq_fake_quantize
+from qpipe.recipe import load_recipe
+from qpipe.reference import adaround as ref
+from qpipe.runtime.check import weight_codes
+
+
+def test_rectified_sigmoid_and_its_initialisation_match_the_reference():
+    v = np.linspace(-12, 12, 2001)
+    np.testing.assert_allclose(ada.rectified_sigmoid(torch.tensor(v)).numpy(), ref.rectified_sigmoid(v), rtol=1e-12)
+    assert ref.rectified_sigmoid(np.array([-50.0, 50.0])).tolist() == [0.0, 1.0]  # clipped, reaches 0 and 1
+    rng = np.random.default_rng(0)
+    w, s = rng.normal(0, 1, 5000), 0.07
+    v0 = ada.init_v(torch.tensor(w), torch.tensor(s, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(v0, ref.init_v(w, s), rtol=1e-10)  # log near 0: a few ulps apart
+    frac = w / s - np.floor(w / s)
+    np.testing.assert_allclose(ref.rectified_sigmoid(v0), frac, atol=1e-9)  # soft weight starts at the float weight
+
+
+@pytest.mark.parametrize("beta", [20.0, 8.0, 2.0])
+def test_regulariser_matches_the_reference(beta):
+    v = np.random.default_rng(1).normal(0, 3, 4000)
+    got = float(ada.regularizer(torch.tensor(v), beta))
+    assert got == pytest.approx(ref.regularizer(v, beta), rel=1e-12)
+    assert ref.regularizer(np.array([-40.0, 40.0]), beta) == 0.0  # hardened values cost nothing
+    assert ref.regularizer(np.array([0.0]), beta) == pytest.approx(1.0)  # h = 0.5 costs most
+
+
+def test_beta_schedule_warmup_then_linear_20_to_2():
+    s = ada.BetaSchedule(iters=1000, warmup=0.2, start=20, end=2)
+    assert s(0) is None and s(199) is None
+    assert s(200) == 20.0 and s(600) == pytest.approx(11.0) and s(999) == pytest.approx(2.0225)  # 2 + 18 * (1 - 799/800)
+    for t in range(0, 1000, 7):
+        assert s(t) == ref.beta_at(t, 1000, 0.2, 20, 2)
+
+
+def test_hardening_matches_the_reference():
+    rng = np.random.default_rng(2)
+    m = torch.nn.Conv2d(4, 6, 3)
+    p = prepare(torch.nn.Sequential(m).eval(), load_recipe("w4a32"))
+    quantize_weights(p, load_recipe("w4a32"))
+    q = p.gm.get_submodule("0")
+    w = ada.AdaRoundWeight(q, "cpu", -8, 7)
+    w.v.data = torch.tensor(rng.normal(0, 2, w.v.shape), dtype=torch.float32)
+    s = q.weight_scale.double().numpy().reshape(-1, 1, 1, 1)
+    expected = ref.harden(q.weight.detach().double().numpy(), s, 0, w.v.detach().numpy(), -8, 7)
+    np.testing.assert_array_equal(w.hard().numpy(), expected)
+    # V >= 0 rounds up, V < 0 rounds down: hardened integers are the floor or the ceiling, never further
+    base = np.floor(q.weight.detach().double().numpy() / s)
+    assert set(np.unique(expected - np.clip(base, -8, 7))) <= {-1, 0, 1}
+
+
+def test_lsq_step_gradient():
+    # inside the grid: d x_hat / d s = round(x/s) - x/s; below: qmin - z; above: qmax - z; all times g
+    x = torch.tensor([[0.26, -1.0, 5.0]])
+    s = torch.tensor(0.1, requires_grad=True)
+    y = lsq_fake_quantize(x, s, 0.0, -8, 7)
+    g = 1 / np.sqrt(3 * 7)
+    for i, expected in enumerate([(3 - 2.6) * g, -8 * g, 7 * g]):
+        s.grad = None
+        y = lsq_fake_quantize(x, s, 0.0, -8, 7)
+        y[0, i].backward()
+        assert float(s.grad) == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(y.detach(), torch.tensor([[0.3, -0.8, 0.7]]))
+
+
+def test_units_follow_the_graph():
+    model = load_model("digits-cnn")
+    r = load_recipe("w4a8-brecq")
+    p = prepare(model, r)
+    quantize_weights(p, r)
+    layer = ada.find_units(p, "layer")
+    assert [u.name for u in layer] == p.layers  # one unit per conv/linear, in graph order
+    assert all(len(u.layers) == 1 for u in layer)
+    block = ada.find_units(p, "block")
+    assert [sorted(u.layers) for u in block] == [
+        ["conv1"], ["layer1.0.conv1", "layer1.0.conv2"],
+        ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"],
+        ["layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0"], ["fc"]]
+    assert [sorted(u.layers) for u in ada.find_units(p, "encoder")] == [sorted(u.layers) for u in block]
+    (whole,) = ada.find_units(p, "model")
+    assert sorted(whole.layers) == sorted(p.layers)
+    # a block unit computes exactly what the model computes between its cut points
+    x = torch.randn(4, 1, 8, 8)
+    seg = ada.segment_module(p.gm, block[2].start, block[2].nodes)
+    with torch.no_grad():
+        mid = ada.prefix_module(p.gm, block[2].start)(x)
+        torch.testing.assert_close(seg(mid), ada.prefix_module(p.gm, block[2].end)(x), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def adarounded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ada") / "w3"
+    art = qpipe.calibrate("digits-cnn", "digits", "w4a32-adaround", out, progress=False,
+                          overrides=["weights.bits=3", "adaround.iters=300", "calibration.images=256"])
+    qpipe.export(art, "qdq")
+    return art
+
+
+def test_export_carries_the_learned_integers(adarounded):
+    art = adarounded
+    report = art.qparams["adaround"]
+    assert len(report) == 10 and all(u["mse_after"] < u["mse_before"] for u in report)
+    assert sum(u["changed_from_nearest"] for u in report) > 0  # learned rounding differs from nearest
+    assert not art.path.with_name(art.path.name + ".partial").exists()  # the work area is cleaned up
+    ints = load_file(str(art.file("quantized.safetensors")))
+    model = onnx.load(str(art.file("model.qdq.onnx")))
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in art.qparams["layers"]:
+        np.testing.assert_array_equal(weight_codes(inits[f"{name}.weight_quantized"]),
+                                      ints[f"{name}.weight_int"].astype(np.int32))
+
+
+def test_onnxruntime_accuracy_equals_torch_within_0_2_points(adarounded):
+    from qpipe.runtime.evaluate import evaluate
+
+    m_ort = evaluate(adarounded.path, backend="ort", latency=False, progress=False)
+    m_torch = evaluate(adarounded.path, backend="torch", latency=False, progress=False)
+    assert abs(m_ort["accuracy"]["top1"] - m_torch["accuracy"]["top1"]) <= 0.002
+    assert m_ort["accuracy"]["top1"] >= 0.95
+
+
+BAD = [
+    pytest.param("adaround.iters=-5", "adaround.iters", id="negative-iterations"),
+    pytest.param("adaround.beta=[2,20]", "adaround.beta", id="beta-reversed"),
+    pytest.param("adaround.granularity=row", "adaround.granularity", id="unknown-granularity"),
+    pytest.param("adaround.beta=20", "adaround.beta", id="beta-not-a-pair"),
+    pytest.param("adaround.lr=0", "adaround.lr", id="zero-lr"),
+]
+
+
+@pytest.mark.parametrize(("override", "needle"), BAD)
+def test_malformed_adaround_recipe_is_refused_before_any_work(capsys, tmp_path, override, needle):
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--model", "digits-cnn", "--recipe", "w4a32-adaround", "--set", override,
+              "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert time.perf_counter() - t < 5 and list(tmp_path.iterdir()) == []
+
+
+def test_resume_after_sigkill_gives_the_same_integers(tmp_path):
+    def cmd(out):
+        return [sys.executable, "-m", "qpipe", "calibrate", "--model", "digits-cnn", "--recipe", "w4a32-adaround",
+                "--set", "adaround.iters=200", "--set", "calibration.images=128", "--out", str(out)]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = tmp_path / "killed"
+    work = tmp_path / "killed.partial"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (work / "unit-001.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "calibrate ended before its second unit finished"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in work.glob("unit-*.safetensors"))
+    assert not out.exists() and len(finished) >= 2
+    mtimes = {p: os.stat(work / p).st_mtime_ns for p in finished}
+
+    r = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "qparams.json").read_text())["adaround"]
+    resumed = [u["resumed"] for u in report]
+    assert resumed == [True] * len(finished) + [False] * (len(report) - len(finished))  # not recomputed
+    assert not work.exists() and mtimes  # finished units were read, then the work area was removed
+
+    ref_out = tmp_path / "uninterrupted"
+    r = subprocess.run(cmd(ref_out), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    a = load_file(str(out / "quantized.safetensors"))
+    b = load_file(str(ref_out / "quantized.safetensors"))
+    ints = [k for k in a if k.endswith("weight_int")]
+    assert len(ints) == 10
+    for k in ints:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
