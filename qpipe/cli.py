@@ -67,6 +67,18 @@ def calibrate(model, data, recipe, out, weights, overrides, seed, device):
     n_w = sum(1 for t in q["tensors"].values() if t["kind"] == "weight")
     n_a = sum(1 for t in q["tensors"].values() if t["kind"] == "activation")
     click.echo(f"wrote {art.path}: {n_w} quantized weight tensors, {n_a} activation quantizers")
+    if q.get("adaround"):
+        click.echo(format_adaround(q["adaround"]))
+
+
+def format_adaround(report: list[dict]) -> str:
+    """The per-unit AdaRound summary: reconstruction MSE before/after, share rounded away from nearest."""
+    rows = [("unit", "layers", "MSE nearest", "MSE learned", "changed", "iters", "")]
+    for u in report:
+        rows.append((u["unit"], str(len(u["layers"])), f"{u['mse_before']:.4g}", f"{u['mse_after']:.4g}",
+                     f"{100 * u['changed_from_nearest']:.1f}%", str(u["iters"]), "resumed" if u.get("resumed") else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 @cli.command()

@@ -196,3 +196,14 @@ def test_resume_after_sigkill_gives_the_same_integers(tmp_path):
     assert len(ints) == 10
     for k in ints:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_memory_mapped_cache_gives_the_same_integers(tmp_path):
+    ints = {}
+    for budget in (2048, 0):  # 0 MB: every unit's inputs and targets go to memory-mapped files
+        art = qpipe.calibrate("digits-cnn", "digits", "w4a32-adaround", tmp_path / f"b{budget}", progress=False,
+                              overrides=["adaround.iters=40", "calibration.images=64", f"adaround.cache_mb={budget}",
+                                         "adaround.granularity=block"])
+        ints[budget] = load_file(str(art.file("quantized.safetensors")))
+    for k, v in ints[2048].items():
+        np.testing.assert_array_equal(v, ints[0][k], err_msg=k)

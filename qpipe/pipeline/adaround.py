@@ -220,10 +220,11 @@ class Cache:
         else:
             self.data[i: i + len(x)] = x.numpy()
 
-    def get(self, idx) -> torch.Tensor:
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.sort(idx).values  # the same order in memory and on disk: identical results either way
         if self.path is None:
             return self.data[idx]
-        return torch.from_numpy(np.ascontiguousarray(self.data[np.sort(np.asarray(idx))]))
+        return torch.from_numpy(np.ascontiguousarray(self.data[idx.numpy()]))
 
     def close(self):
         if self.path is not None:
@@ -326,7 +327,7 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
         iters_run = 0
         with mode("quant"):
             for t in bar:
-                idx = torch.randint(0, n, (min(a.batch_size, n),), generator=gen)
+                idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
                 out = seg(inputs.get(idx).to(device))
                 rec = F.mse_loss(out, targets.get(idx).to(device))
                 beta = sched(t)
