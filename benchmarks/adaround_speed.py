@@ -95,6 +95,27 @@ def clock(store: dict, key: str):
         store[key + "_cpu"] = time.process_time() - c
 
 
+def thread_probe() -> dict:
+    """Median ms of a small elementwise op (AdaRound's sigmoid on ResNet18 layer2.0.conv2's 147 456 weights) at
+    torch's thread count and at 1 thread. Far slower at N threads than at 1: another process holds a core and
+    OpenMP's barriers wait for the descheduled thread (every small op pays for it)."""
+    v = torch.randn(147_456)
+    res = {}
+    threads = torch.get_num_threads()
+    for key, n in (("ms_at_torch_threads", threads), ("ms_at_1_thread", 1)):
+        torch.set_num_threads(n)
+        ts = []
+        for _ in range(60):
+            t = time.perf_counter()
+            torch.sigmoid(v)
+            ts.append(time.perf_counter() - t)
+        res[key] = 1000 * statistics.median(ts[10:])
+    torch.set_num_threads(threads)
+    res["threads"] = threads
+    res["loadavg"] = os.getloadavg()[0]
+    return res
+
+
 def machine_info() -> dict:
     cpu = None
     try:
@@ -109,7 +130,8 @@ def machine_info() -> dict:
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "qpipe": qpipe.__version__,
-            "machine": platform.machine(), "loadavg_start": list(os.getloadavg())}
+            "machine": platform.machine(), "loadavg_start": list(os.getloadavg()),
+            "thread_probe_start": thread_probe()}
 
 
 def resnet_setup():
@@ -313,31 +335,44 @@ def markdown(r: dict) -> str:
         f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}. CPU/wall: process CPU seconds per wall "
         f"second (about {m['torch_threads']} when the cores were free).{' **--quick run.**' if r['quick'] else ''}",
         "",
-        f"ResNet18 (random weights, 224x224), `w4a32` + `weights.rounding=adaround`, `weights.observer=absmax`, "
-        f"{rn['images']} images of `{rn['data']}`, Adam batch 32; each step timed separately after "
-        f"{rn['units'][0]['steps']['warmup_steps']} warm-up steps, the timed steps spread over the beta schedule "
-        f"of a {SCHEDULE_ITERS}-step run (20 % without the regulariser). Cache fill: {FILL_BATCH} images a batch, "
-        "input from the quantized model, target from the float model.",
-        "",
-        "| unit | granularity | weights | timed steps | s / 1000 steps (mean) | s / 1000 (median) | CPU/wall | "
-        "cache fill s (in + target) | cache MB | reconstruct() cross-check s / 1000 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for u in rn["units"]:
-        s, f = u["steps"], u["fill"]
-        cc = u.get("reconstruct_crosscheck")
-        ccs = f"{cc['s_per_1000']:.1f} ({cc['iters_run']} steps, CPU/wall {cc['cpu_per_wall']:.2f})" if cc else "-"
-        lines.append(f"| {u['label']} (`{u['unit']}`) | {u['granularity']} | {s['weights']:,} | {s['timed_steps']} | "
-                     f"{s['s_per_1000']:.1f} | {s['s_per_1000_median']:.1f} | {s['cpu_per_wall']:.2f} | "
-                     f"{f['fill_s']:.1f} ({f['input_fill_s']:.1f} + {f['target_fill_s']:.1f}) | "
-                     f"{f['cache_mb']:.0f} | {ccs} |")
-    rss = rn["peak_rss_kib"]
-    lines += [
-        "",
-        f"Peak RSS (ru_maxrss) after the ResNet18 measurements: {rss / 2**20:.2f} GiB ({rss:,} KiB) "
-        f"-> **{'PASS' if rn['rss_pass'] else 'FAIL'}** (limit 4 GiB).",
-        "",
-    ]
+    probes = [(w, m[f"thread_probe_{w}"]) for w in ("start", "end") if f"thread_probe_{w}" in m]
+    if probes:
+        lines += ["Contention probe (median of a sigmoid over 147 456 floats, at the torch thread count vs 1 "
+                  "thread; much slower at N threads means another process held a core): " + "; ".join(
+                      f"{w}: {pr['ms_at_torch_threads']:.2f} ms at {pr['threads']} vs {pr['ms_at_1_thread']:.2f} ms "
+                      f"at 1 (load {pr['loadavg']:.2f})" for w, pr in probes) + ".", ""]
+    if rn is None:
+        lines += ["ResNet18: skipped (--skip-resnet).", ""]
+    else:
+        lines += [
+            f"ResNet18 (random weights, 224x224), `w4a32` + `weights.rounding=adaround`, `weights.observer=absmax`, "
+            f"{rn['images']} images of `{rn['data']}`, Adam batch 32; each step timed separately after "
+            f"{rn['units'][0]['steps']['warmup_steps']} warm-up steps, the timed steps spread over the beta "
+            f"schedule of a {SCHEDULE_ITERS}-step run (20 % without the regulariser). Cache fill: {FILL_BATCH} "
+            "images a batch, input from the quantized model, target from the float model. Cross-check: qpipe's "
+            "`reconstruct()` itself on the unit, its cache fills and MSE passes subtracted.",
+            "",
+            "| unit | granularity | weights | timed steps | s / 1000 steps (mean) | s / 1000 (median) | CPU/wall | "
+            "cache fill s (in + target) | cache MB | reconstruct() cross-check s / 1000 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for u in rn["units"]:
+            s, f = u["steps"], u["fill"]
+            cc = u.get("reconstruct_crosscheck")
+            ccs = (f"{cc['s_per_1000']:.1f} ({cc['iters_run']} steps, CPU/wall {cc['cpu_per_wall']:.2f})"
+                   if cc else "-")
+            lines.append(f"| {u['label']} (`{u['unit']}`) | {u['granularity']} | {s['weights']:,} | "
+                         f"{s['timed_steps']} | {s['s_per_1000']:.1f} | {s['s_per_1000_median']:.1f} | "
+                         f"{s['cpu_per_wall']:.2f} | {f['fill_s']:.1f} ({f['input_fill_s']:.1f} + "
+                         f"{f['target_fill_s']:.1f}) | {f['cache_mb']:.0f} | {ccs} |")
+        rss = rn["peak_rss_kib"]
+        lines += [
+            "",
+            f"Peak RSS (ru_maxrss) after the ResNet18 measurements: {rss / 2**20:.2f} GiB ({rss:,} KiB) "
+            f"-> **{'PASS' if rn['rss_pass'] else 'FAIL'}** (limit 4 GiB).",
+            "",
+        ]
     if d is None:
         return "\n".join(lines + ["Demo CNN: skipped (--skip-digits)."]) + "\n"
     lines += [
@@ -365,6 +400,7 @@ def main(argv=None) -> int:
                     help="steps of the real reconstruct() per unit as a cross-check (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--skip-digits", action="store_true", help="skip the digits-cnn calibrate run")
+    ap.add_argument("--skip-resnet", action="store_true", help="skip the ResNet18 measurements")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 10 timed steps, 2 warm-up, 5 cross-check steps, digits at 100 iterations")
     args = ap.parse_args(argv)
@@ -381,9 +417,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qpipe-adaround-speed-") as tmp:
         root = Path(tmp)
-        rn = resnet_part(args, root)
+        rn = None if args.skip_resnet else resnet_part(args, root)
         digits = None if args.skip_digits else digits_part(args, root)
     info["loadavg_end"] = list(os.getloadavg())
+    info["thread_probe_end"] = thread_probe()
     result = {"machine": info, "quick": args.quick, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "total_s": time.perf_counter() - t0, "resnet18": rn, "digits": digits,
               "peak_rss_kib_end": peak_rss_kib()}
@@ -392,6 +429,7 @@ def main(argv=None) -> int:
     (out / "adaround_speed.md").write_text(md)
     print(md)
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,7 +2,9 @@
 and 2 bits (per-channel, abs-max base, float activations), and W4A8 with and without LSQ; every number is the
 onnxruntime top-1 of the exported QDQ model.
 
-    python benchmarks/adaround_table.py [--iters 2000] [--out benchmarks/results]
+    python benchmarks/adaround_table.py [--iters 10000] [--jobs 2] [--out benchmarks/results]
+
+With ``--jobs N`` the settings run in N processes of one torch thread each.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from pathlib import Path
 
 import qpipe
 from qpipe.runtime.evaluate import evaluate
+
+
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def run(name: str, recipe: str, overrides: list[str], root: Path) -> dict:
@@ -33,23 +41,32 @@ def run(name: str, recipe: str, overrides: list[str], root: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=2000, help="AdaRound iterations per unit")
+    ap.add_argument("--iters", type=int, default=10_000, help="AdaRound iterations per unit")
+    ap.add_argument("--jobs", type=int, default=1, help="settings run in this many processes")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="adaround-table-"))
     base = ["weights.observer=absmax", "weights.granularity=per_channel", "calibration.images=512"]
     it = [f"adaround.iters={args.iters}"]
-    rows = [run("fp32", "fp32", [], root)]
+    jobs = [("fp32", "fp32", [])]
     for b in args.bits:
         wb = [f"weights.bits={b}"]
-        rows.append(run(f"w{b}a32 nearest", "w4a32", base + wb, root))
-        rows.append(run(f"w{b}a32 adaround layer", "w4a32-adaround", base + wb + it, root))
-        rows.append(run(f"w{b}a32 adaround block", "w4a32-adaround", base + wb + it + ["adaround.granularity=block"], root))
-    rows.append(run("w4a8 nearest", "w4a8", base + ["weights.observer=absmax"], root))
-    rows.append(run("w4a8 adaround block, no LSQ", "w4a8-brecq", base + it + ["adaround.lsq=false"], root))
-    rows.append(run("w4a8 adaround block + LSQ", "w4a8-brecq", base + it, root))
-    rows.append(run("w4a8 adaround layer + LSQ", "w4a8-adaround", base + it + ["adaround.lsq=true"], root))
+        jobs.append((f"w{b}a32 nearest", "w4a32", base + wb))
+        jobs.append((f"w{b}a32 adaround layer", "w4a32-adaround", base + wb + it))
+        jobs.append((f"w{b}a32 adaround block", "w4a32-adaround", base + wb + it + ["adaround.granularity=block"]))
+    jobs.append(("w4a8 nearest", "w4a8", base))
+    jobs.append(("w4a8 adaround layer, no LSQ", "w4a8-adaround", base + it))
+    jobs.append(("w4a8 adaround layer + LSQ", "w4a8-adaround", base + it + ["adaround.lsq=true"]))
+    jobs.append(("w4a8 adaround block, no LSQ", "w4a8-brecq", base + it + ["adaround.lsq=false"]))
+    jobs.append(("w4a8 adaround block + LSQ (BRECQ)", "w4a8-brecq", base + it))
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+            rows = list(pool.map(run, *zip(*[(n, r, o, root) for n, r, o in jobs], strict=True)))
+    else:
+        rows = [run(n, r, o, root) for n, r, o in jobs]
     shutil.rmtree(root, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

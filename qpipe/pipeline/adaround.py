@@ -249,6 +249,12 @@ def _grid(m) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def recon_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1), averaged over batch and positions, as BRECQ's lp_loss: the
+    scale against which lambda = 0.01 times the summed regulariser is balanced."""
+    return (out - target).pow(2).sum(1).mean()
+
+
 @torch.no_grad()
 def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device) -> float:
     tot = 0.0
@@ -329,7 +335,7 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
             for t in bar:
                 idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
                 out = seg(inputs.get(idx).to(device))
-                rec = F.mse_loss(out, targets.get(idx).to(device))
+                rec = recon_loss(out, targets.get(idx).to(device))
                 beta = sched(t)
                 reg = a.reg_weight * sum(regularizer(w.v, beta) for w in ada.values()) if beta is not None \
                     else torch.zeros((), device=device)
