@@ -10,7 +10,7 @@
    - the time to fill the unit's input cache (quantized model, ``mode("quant")``) and target cache (float model)
      for the 256 images, with qpipe's own ``prefix_module`` / ``_fill`` / ``Cache`` (batch 64, as ``reconstruct``);
    - seconds per 1 000 optimisation steps at batch 32: the step ``reconstruct`` performs (random batch from the
-     cache, forward of ``segment_module`` in ``mode("quant")`` with ``AdaRoundWeight`` soft weights, MSE +
+     cache, forward of ``segment_module`` in ``mode("quant")`` with ``AdaRoundWeight`` soft weights, ``recon_loss`` +
      ``regularizer`` under ``BetaSchedule``, backward, Adam step), timed one step at a time after a few warm-up
      steps. The timed steps walk the beta schedule of a 1 000-step run (the first 20 % without the regulariser,
      as in a real run), so the mean is the cost of 1 000 real steps;
@@ -42,7 +42,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 
 import qpipe
 from qpipe.data import load_data
@@ -55,6 +54,7 @@ from qpipe.pipeline.adaround import (
     _module,
     find_units,
     prefix_module,
+    recon_loss,
     reconstruct,
     regularizer,
     run_key,
@@ -202,9 +202,9 @@ def time_steps(p, unit, k: int, inputs, targets, recipe, warmup: int, iters: int
                 # spread the timed steps over the schedule of a SCHEDULE_ITERS-step run
                 t = SCHEDULE_ITERS // 2 if i < warmup else (i - warmup) * SCHEDULE_ITERS // iters
                 t0 = time.perf_counter()
-                idx = torch.randint(0, n, (min(a.batch_size, n),), generator=gen)
+                idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
                 out = seg(inputs.get(idx).to(device))
-                rec = F.mse_loss(out, targets.get(idx).to(device))
+                rec = recon_loss(out, targets.get(idx).to(device))
                 beta = sched(t)
                 reg = a.reg_weight * sum(regularizer(w.v, beta) for w in ada.values()) if beta is not None \
                     else torch.zeros((), device=device)
@@ -331,7 +331,7 @@ def markdown(r: dict) -> str:
         "# AdaRound / BRECQ reconstruction speed (CPU)",
         "",
         f"CPU: {m['cpu_model']} ({m['cpu_count']} logical CPUs, {m['cpu_affinity']} usable); torch {m['torch']}, "
-        f"{m['torch_threads']} intra-op threads; Python {m['python']}. Load average at start "
+        f"intra-op threads {m['torch_threads']}; Python {m['python']}. Load average at start "
         f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}. CPU/wall: process CPU seconds per wall "
         f"second (about {m['torch_threads']} when the cores were free).{' **--quick run.**' if r['quick'] else ''}",
         "",
