@@ -54,11 +54,10 @@ from qpipe.pipeline.adaround import (
     _module,
     find_units,
     prefix_module,
-    recon_loss,
     reconstruct,
-    regularizer,
     run_key,
     segment_module,
+    train_step,
 )
 from qpipe.pipeline.qmodel import ActQuant, mode, prepare, quantize_weights
 from qpipe.recipe import load_recipe
@@ -202,16 +201,7 @@ def time_steps(p, unit, k: int, inputs, targets, recipe, warmup: int, iters: int
                 # spread the timed steps over the schedule of a SCHEDULE_ITERS-step run
                 t = SCHEDULE_ITERS // 2 if i < warmup else (i - warmup) * SCHEDULE_ITERS // iters
                 t0 = time.perf_counter()
-                idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
-                out = seg(inputs.get(idx).to(device))
-                rec = recon_loss(out, targets.get(idx).to(device))
-                beta = sched(t)
-                reg = a.reg_weight * sum(regularizer(w.v, beta) for w in ada.values()) if beta is not None \
-                    else torch.zeros((), device=device)
-                loss = rec + reg
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device, opt)
                 rec_v, reg_v = float(rec.detach()), float(reg.detach())  # noqa: F841 (as reconstruct syncs)
                 if i >= warmup:
                     step_s.append(time.perf_counter() - t0)

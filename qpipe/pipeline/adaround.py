@@ -265,6 +265,25 @@ def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device) -> floa
     return tot / (n * int(np.prod(targets.data.shape[1:])))
 
 
+def train_step(seg, inputs: Cache, targets: Cache, weights: list[AdaRoundWeight], a, beta: float | None,
+               gen: torch.Generator, device, opt, opt_s=None):
+    """One reconstruction step on a random minibatch: recon loss + lambda * regulariser (off while beta is None),
+    backward, Adam on V (and on the LSQ steps). Returns (rec, reg, beta) as tensors / float."""
+    n = len(inputs.data)
+    idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
+    rec = recon_loss(seg(inputs.get(idx).to(device)), targets.get(idx).to(device))
+    reg = a.reg_weight * sum(regularizer(w.v, beta) for w in weights) if beta is not None \
+        else torch.zeros((), device=device)
+    opt.zero_grad()
+    if opt_s:
+        opt_s.zero_grad()
+    (rec + reg).backward()
+    opt.step()
+    if opt_s:
+        opt_s.step()
+    return rec, reg, beta
+
+
 def run_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -333,20 +352,9 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
         iters_run = 0
         with mode("quant"):
             for t in bar:
-                idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
-                out = seg(inputs.get(idx).to(device))
-                rec = recon_loss(out, targets.get(idx).to(device))
-                beta = sched(t)
-                reg = a.reg_weight * sum(regularizer(w.v, beta) for w in ada.values()) if beta is not None \
-                    else torch.zeros((), device=device)
-                loss = rec + reg
-                opt.zero_grad()
+                rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device,
+                                            opt, opt_s)
                 if opt_s:
-                    opt_s.zero_grad()
-                loss.backward()
-                opt.step()
-                if opt_s:
-                    opt_s.step()
                     sched_s.step()
                     for s in lsq:
                         s.data.clamp_(min=1e-8)
