@@ -48,10 +48,9 @@ from qpipe.data import load_data
 from qpipe.models import build_model
 from qpipe.pipeline import adaround as ada_mod
 from qpipe.pipeline.adaround import (
-    AdaRoundWeight,
     BetaSchedule,
-    _grid,
     _module,
+    attach,
     find_units,
     prefix_module,
     reconstruct,
@@ -176,16 +175,7 @@ def time_steps(p, unit, k: int, inputs, targets, recipe, warmup: int, iters: int
     """The optimisation step of ``reconstruct`` (same calls, same order), timed step by step."""
     a, gm, device = recipe.adaround, p.gm, "cpu"
     seg = segment_module(gm, unit.start, unit.nodes)
-    ada = {}
-    for name in unit.layers:
-        m = gm.get_submodule(name)
-        w = AdaRoundWeight(m, device, *_grid(m))
-        m.__dict__["ada"] = w
-        ada[name] = w
-    for node in unit.nodes:
-        m = _module(gm, node)
-        if isinstance(m, ActQuant):
-            m.__dict__["ste"] = True
+    ada, _ = attach(gm, unit, device)
     opt = torch.optim.Adam([w.v for w in ada.values()], lr=a.lr)
     sched = BetaSchedule(SCHEDULE_ITERS, a.warmup, a.beta[0], a.beta[1])
     gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + k)

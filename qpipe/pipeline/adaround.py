@@ -265,6 +265,25 @@ def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device) -> floa
     return tot / (n * int(np.prod(targets.data.shape[1:])))
 
 
+def attach(gm: fx.GraphModule, unit: Unit, device, lsq: bool = False):
+    """Put the unit into learning state: soft AdaRound weights on its layers, straight-through quantizers, and
+    (with ``lsq``) learnable activation steps. Returns ({layer: AdaRoundWeight}, [LSQ step parameters])."""
+    ada = {}
+    for name in unit.layers:
+        m = gm.get_submodule(name)
+        ada[name] = m.__dict__["ada"] = AdaRoundWeight(m, device, *_grid(m))
+    steps = []
+    for name in unit.act if lsq else []:
+        aq = gm.get_submodule(name)
+        aq.__dict__["lsq_scale"] = torch.nn.Parameter(aq.scale.detach().clone().float())
+        steps.append(aq.lsq_scale)
+    for node in unit.nodes:
+        m = _module(gm, node)
+        if isinstance(m, ActQuant):
+            m.__dict__["ste"] = True
+    return ada, steps
+
+
 def train_step(seg, inputs: Cache, targets: Cache, weights: list[AdaRoundWeight], a, beta: float | None,
                gen: torch.Generator, device, opt, opt_s=None):
     """One reconstruction step on a random minibatch: recon loss + lambda * regulariser (off while beta is None),
@@ -327,21 +346,7 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
         n = len(images)
         before = _mse(seg, inputs, targets, n, 64, device)
         nearest = {name: gm.get_submodule(name).weight_int.clone() for name in unit.layers}
-        ada = {}
-        for name in unit.layers:
-            m = gm.get_submodule(name)
-            w = AdaRoundWeight(m, device, *_grid(m))
-            m.__dict__["ada"] = w
-            ada[name] = w
-        lsq = []
-        for name in unit.act if a.lsq else []:
-            aq = gm.get_submodule(name)
-            aq.__dict__["lsq_scale"] = torch.nn.Parameter(aq.scale.detach().clone().float())
-            lsq.append(aq.lsq_scale)
-        for node in unit.nodes:
-            m = _module(gm, node)
-            if isinstance(m, ActQuant):
-                m.__dict__["ste"] = True
+        ada, lsq = attach(gm, unit, device, a.lsq)
         opt = torch.optim.Adam([w.v for w in ada.values()], lr=a.lr)
         opt_s = torch.optim.Adam(lsq, lr=a.lsq_lr) if lsq else None
         sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=a.iters, eta_min=0.0) if lsq else None
