@@ -255,7 +255,7 @@ def test_missing_key_raises(tmp_path):
     sd = randomised("digits-cnn").state_dict()
     del sd["fc.bias"]
     torch.save(sd, tmp_path / "w.pth")
-    with pytest.raises(QpipeError, match=r"missing \['fc.bias'\]"):
+    with pytest.raises(QpipeError, match=r"first missing key 'fc.bias' \(1 missing, 0 unexpected\)"):
         load_model("digits-cnn", tmp_path / "w.pth")
 
 
@@ -263,7 +263,7 @@ def test_unexpected_key_raises(tmp_path):
     sd = randomised("digits-cnn").state_dict()
     sd["head.weight"] = torch.zeros(3)
     torch.save(sd, tmp_path / "w.pth")
-    with pytest.raises(QpipeError, match=r"unexpected \['head.weight'\]"):
+    with pytest.raises(QpipeError, match=r"first unexpected key 'head.weight' \(0 missing, 1 unexpected\)"):
         load_model("digits-cnn", tmp_path / "w.pth")
 
 

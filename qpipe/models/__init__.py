@@ -17,6 +17,7 @@ from torch import nn
 from qpipe.errors import QpipeError
 
 from .resnet import digits_cnn, resnet18, resnet20
+from .vit import digits_vit, vit_b_16
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,6 +34,8 @@ REGISTRY: dict[str, ModelInfo] = {
     "digits-cnn": ModelInfo(digits_cnn, (1, 8, 8), "digits", "artifacts/models/digits-cnn.safetensors"),
     "resnet20": ModelInfo(resnet20, (3, 32, 32), "cifar10", None),
     "resnet18": ModelInfo(resnet18, (3, 224, 224), "imagenet", None),
+    "digits-vit": ModelInfo(digits_vit, (1, 8, 8), "digits", "artifacts/models/digits-vit.safetensors"),
+    "vit_b_16": ModelInfo(vit_b_16, (3, 224, 224), "imagenet", None),
 }
 
 
@@ -102,7 +105,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:
+    """Load the checkpoint at ``path`` into ``model`` (keys and shapes must match; ``name`` is for messages)."""
     sd = read_state_dict(path)
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
@@ -112,9 +116,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise QpipeError(f"checkpoint {path} does not match the model: "
-                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        first = [f"first {kind} key {keys[0]!r}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
+                 if keys]
+        raise QpipeError(f"checkpoint {path} does not match the model{' ' + name if name else ''}: "
+                         f"{', '.join(first)} ({len(missing)} missing, {len(unexpected)} unexpected)")
     wrong = [k for k in own if own[k].shape != sd[k].shape]
     if wrong:
         k = wrong[0]
@@ -131,7 +136,7 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
         if ckpt.is_file():
             weights = ckpt
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, spec)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise QpipeError(f"model {spec}: parameter {name!r} has NaN/Inf values")
