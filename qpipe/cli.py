@@ -83,15 +83,16 @@ def format_adaround(report: list[dict]) -> str:
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["qdq", "fp32", "all"]), default="qdq", show_default=True,
-              help="qdq: Q/DQ graph with integer weights; fp32: the float graph of the same model.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "fp32", "int", "all"]), default="qdq", show_default=True,
+              help="qdq: Q/DQ graph with integer weights; int: integer-only graph (ConvInteger/MatMulInteger, "
+                   "ai.qpipe ops); fp32: the float graph of the same model; all: every one the artifact allows.")
 @click.option("--opset", type=int, default=21, show_default=True)
 @click.option("--layout", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
               help="Activation container: uint8 (fastest in onnxruntime on x86) or int8.")
 @click.option("--int4/--no-int4", default=True, show_default=True,
               help="Store <=4-bit conv weights as ONNX INT4 (smallest file) or in int8 (fuses into QLinearConv).")
 def export(artifact, fmt, opset, layout, int4):
-    """Write model.qdq.onnx (and/or model.fp32.onnx) into an artifact folder."""
+    """Write model.qdq.onnx, model.int.onnx and/or model.fp32.onnx into an artifact folder."""
     from qpipe.export import export as run
 
     for p in run(artifact, fmt, opset, layout, command=_command(), int4=int4):
@@ -107,12 +108,15 @@ def export(artifact, fmt, opset, layout, int4):
 @click.option("--latency/--no-latency", default=True, show_default=True)
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N test images.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-def evaluate(target, backend, data, device, batch_size, latency, limit, threads):
+@click.option("--format", "fmt", type=click.Choice(["qdq", "int", "fp32"]), default=None,
+              help="Which model of the artifact (default: the first exported of qdq, int, fp32). int: onnxruntime "
+                   "on model.int.onnx against the PyTorch integer simulation (exact parity).")
+def evaluate(target, backend, data, device, batch_size, latency, limit, threads, fmt):
     """Accuracy, latency and ORT-vs-PyTorch parity; writes metrics.json into the artifact."""
     from qpipe.runtime.evaluate import evaluate as run
     from qpipe.runtime.evaluate import format_table
 
-    m = run(target, data, backend, device, batch_size, latency, limit, threads, command=_command())
+    m = run(target, data, backend, device, batch_size, latency, limit, threads, command=_command(), format=fmt)
     click.echo(format_table([{**m, "name": Path(target).name}]))
 
 

@@ -41,6 +41,16 @@ class Activations:
     momentum: float = 0.95            # of the ema_* observers
     percentile: float = 99.99
     p: float = 2.4                    # the p of lp_norm
+    residual_bits: int | None = None  # residual-stream adds (not read by a Conv/Linear/matmul): 2..16; None = bits
+
+
+@dataclass(frozen=True)
+class Ops:
+    """Transformer non-linearities: ``fp`` (float between Q/DQ) or ``int`` (I-ViT integer ops, ai.qpipe domain)."""
+
+    softmax: str = "fp"
+    gelu: str = "fp"
+    layernorm: str = "fp"
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class Recipe:
     activations: Activations = field(default_factory=Activations)
     calibration: Calibration = field(default_factory=Calibration)
     adaround: AdaRound = field(default_factory=AdaRound)
+    ops: Ops = field(default_factory=Ops)
 
     @property
     def quantizes_weights(self) -> bool:
@@ -94,8 +105,12 @@ CHOICES = {
     "weights.rounding": ("nearest", "floor", "ceil", "stochastic", "adaround"),
     "adaround.granularity": ("layer", "block", "encoder", "model"),
     "activations.observer": ("minmax", "ema_minmax", "ema_absmax", "percentile", "mse", "sqnr", "lp_norm"),
+    "ops.softmax": ("fp", "int"),
+    "ops.gelu": ("fp", "int"),
+    "ops.layernorm": ("fp", "int"),
 }
-SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calibration, "adaround": AdaRound}
+SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calibration, "adaround": AdaRound,
+            "ops": Ops}
 
 
 def _check_type(key: str, value: Any, ftype: str) -> Any:
@@ -155,6 +170,13 @@ def validate(r: Recipe) -> Recipe:
     _check_bits("weights.first_bits", r.weights.first_bits)
     _check_bits("weights.last_bits", r.weights.last_bits)
     _check_bits("activations.bits", r.activations.bits)
+    rb = r.activations.residual_bits
+    if rb is not None and not 2 <= rb <= 16:
+        raise QpipeError(f"recipe key activations.residual_bits = {rb} is outside 2..16")
+    int_ops = [k for k in ("softmax", "gelu", "layernorm") if getattr(r.ops, k) == "int"]
+    if int_ops and not r.quantizes_activations:
+        raise QpipeError(f"ops.{int_ops[0]} = int needs quantized activations (activations.bits 2..8), "
+                         "because integer ops read integer inputs")
     if r.calibration.images < 1 or r.calibration.batch_size < 1:
         raise QpipeError("calibration.images and calibration.batch_size must be at least 1")
     if not 0 < r.activations.momentum < 1:

@@ -21,7 +21,8 @@ assert SQRT_ITERS == 20, "ISqrt below unrolls exactly 20 Newton steps"
 
 DOMAIN = "ai.qpipe"
 VERSION = 1
-ONNX_OPSET = 21   # the standard opset of the function bodies (and of every graph that carries them)
+ONNX_OPSET = 21   # the standard opset the bodies are written in; they use nothing that changed since MIN_OPSET
+MIN_OPSET = 18    # Reduce* with axes as an input
 qp = Opset(DOMAIN, VERSION)
 
 
@@ -165,14 +166,14 @@ FUNCTIONS = {f.name: f for f in (FloorDiv, IMin, IMax, Clamp, Pow2, Requant, Int
 PUBLIC_OPS = ("Requant", "IntAdd", "IntSoftmax", "IntGELU", "IntLayerNorm")
 
 
-def function_protos() -> list[onnx.FunctionProto]:
+def function_protos(opset: int = ONNX_OPSET) -> list[onnx.FunctionProto]:
     """Every ``ai.qpipe`` FunctionProto, to be put into a model's ``functions``; each imports both the standard
     opset and ``ai.qpipe`` (onnxscript lists only some of the domains a body calls)."""
     protos = []
     for f in FUNCTIONS.values():
         proto = f.to_function_proto()
         del proto.opset_import[:]
-        proto.opset_import.extend([onnx.helper.make_opsetid("", ONNX_OPSET), *opset_imports()])
+        proto.opset_import.extend([onnx.helper.make_opsetid("", opset), *opset_imports()])
         protos.append(proto)
     return protos
 

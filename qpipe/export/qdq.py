@@ -18,10 +18,12 @@ from safetensors.numpy import load_file
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
 
+from . import intops as intops_onnx
+
 MARK_DOMAIN = "qpipe.mark"
 DEFAULT_OPSET = 21
 IR_VERSION = 10          # onnxruntime 1.2x/1.3x refuse the IR version 14 that onnx.helper writes by default
-FORMATS = ("qdq", "fp32", "all")
+FORMATS = ("qdq", "fp32", "int", "all")
 LAYOUTS = ("u8", "s8")   # activation container: uint8 (fast on x86) or int8
 # onnxruntime's x86 u8 x s8 kernels (VPMADDUBSW) add pairs of products in int16 with saturation:
 # 2 * 255 * |w| <= 32767 holds for |w| <= 64. Wider int8 weights feeding a uint8 activation are stored as
@@ -39,6 +41,8 @@ def _load(path: Path) -> onnx.ModelProto:
 def _act_layout(rec: dict, layout: str):
     """(onnx dtype, zero point, shift) for an activation record in ``layout``; shift maps q to the container."""
     signed, bits, z = rec["signed"], rec["bits"], int(rec["zero_point"])
+    if bits > 8:  # 16-bit residual stream (opset 21)
+        return (TensorProto.INT16, np.int16(z), 0) if signed else (TensorProto.UINT16, np.uint16(z), 0)
     if layout == "u8":
         shift = 2 ** (bits - 1) if signed else 0
         return TensorProto.UINT8, np.uint8(z + shift), shift
@@ -99,7 +103,7 @@ def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bo
 
 def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray], *, layout: str = "u8",
               opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "auto",
-              int4: bool = True) -> onnx.ModelProto:
+              int4: bool = True, state: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Replace the Mark nodes of ``graph``. ``strip_only`` gives the plain float model (marks dropped)."""
     if layout not in LAYOUTS:
         raise QpipeError(f"unknown activation layout {layout!r}; use one of {LAYOUTS}")
@@ -112,12 +116,19 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     out_nodes = []
+    intops = qparams.get("intops") or {}
     for node in model.graph.node:
         if node.domain != MARK_DOMAIN:
             out_nodes.append(node)
             continue
         name = next(a.s.decode() for a in node.attribute if a.name == "name")
         x, y = node.input[0], node.output[0]
+        if node.op_type == "IntOp":
+            if name not in intops:
+                raise QpipeError(f"graph.onnx has the integer op {name!r}, which qparams.json does not record")
+            out_nodes.extend(int_op_nodes(b, name, intops[name], tensors, x, y, layout, float_only=strip_only,
+                                          state=state))
+            continue
         if strip_only:
             out_nodes.append(helper.make_node("Identity", [x], [y], name=f"{name}/identity"))
             continue
@@ -182,12 +193,74 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
     del model.opset_import[:]
     model.opset_import.extend(opsets)
     del model.functions[:]
-    return _finish(model, opset)
+    uses_int = any(n.domain == intops_onnx.DOMAIN for n in model.graph.node)
+    if uses_int and opset < intops_onnx.MIN_OPSET:
+        raise QpipeError(f"integer ops (recipe ops.*: int) need --opset {intops_onnx.MIN_OPSET} or higher, got {opset}")
+    return _finish(model, opset, with_functions=uses_int)
 
 
-def _finish(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+def int_op_nodes(b: _Builder, name: str, rec: dict, tensors: dict, x: str, y: str, layout: str,
+                 float_only: bool = False, state: dict | None = None) -> list[onnx.NodeProto]:
+    """Q (input grid) -> Cast int64 -> ai.qpipe op -> Cast float -> times the op's output scale: the exact
+    float values that the PyTorch Q-model computes. ``float_only``: the float op instead (the fp32 model)."""
+    op = rec["op"]
+    if float_only:
+        return [_float_op(b, name, rec, x, y, state or {})]
+    src = tensors[rec["input"]]
+    dt, zp, shift = _act_layout(src, layout)
+    zname = b.add_init(f"{rec['input']}_zero_point_{layout}", np.array(zp))
+    sname = b.add_init(f"{rec['input']}_scale", np.array(src["scale"], dtype=np.float32))
+    p = f"{name}/"
+    nodes = [helper.make_node("QuantizeLinear", [x, sname, zname], [p + "q"], name=p + "QuantizeLinear"),
+             helper.make_node("Cast", [p + "q"], [p + "q64"], to=TensorProto.INT64, name=p + "Cast"),
+             helper.make_node("Sub", [p + "q64", b.add_init(p + "zin", np.array(int(zp), dtype=np.int64))],
+                              [p + "x"], name=p + "SubZeroPoint")]
+    c = lambda n, v: b.add_init(p + n, np.asarray(v, dtype=np.int64))
+    if op in ("IntSoftmax", "IntGELU"):
+        nodes.append(helper.make_node(op, [p + "x", c("x0", rec["x0"])], [p + "y"], domain=intops_onnx.DOMAIN,
+                                      name=p + op))
+        zero_out = None
+    else:
+        nodes.append(helper.make_node(op, [p + "x", c("m", rec["m"]), c("k", rec["k"]), c("b", rec["b"]),
+                                           c("z", rec["zero_point"]), c("qmin", rec["qmin"]), c("qmax", rec["qmax"])],
+                                      [p + "y"], domain=intops_onnx.DOMAIN, name=p + op))
+        zero_out = c("zout", rec["zero_point"])
+    last = p + "y"
+    if zero_out is not None:
+        nodes.append(helper.make_node("Sub", [last, zero_out], [p + "yc"], name=p + "SubOutZeroPoint"))
+        last = p + "yc"
+    nodes.append(helper.make_node("Cast", [last], [p + "yf"], to=TensorProto.FLOAT, name=p + "CastFloat"))
+    if op == "IntGELU":  # float32(s_in) * 2^-8, as the PyTorch model multiplies
+        out_scale = np.float32(np.float32(src["scale"]) * np.float32(2.0**-8))
+    else:
+        out_scale = np.float32(rec["output_scale"])
+    nodes.append(helper.make_node("Mul", [p + "yf", b.add_init(p + "out_scale", np.array(out_scale))], [y],
+                                  name=p + "Scale"))
+    return nodes
+
+
+def _float_op(b: _Builder, name: str, rec: dict, x: str, y: str, state: dict) -> onnx.NodeProto:
+    """The float op an integer op replaced (for ``model.fp32.onnx`` of an artifact with integer ops)."""
+    op = rec["op"]
+    if op == "IntSoftmax":
+        return helper.make_node("Softmax", [x], [y], axis=-1, name=f"{name}/Softmax")
+    if op == "IntGELU":
+        return helper.make_node("Gelu", [x], [y], name=f"{name}/Gelu")
+    w, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+    if w is None:
+        raise QpipeError(f"quantized.safetensors has no {name}.weight for the float LayerNorm")
+    inputs = [x, b.add_init(f"{name}.weight", w.astype(np.float32))]
+    if bias is not None:
+        inputs.append(b.add_init(f"{name}.bias", bias.astype(np.float32)))
+    return helper.make_node("LayerNormalization", inputs, [y], axis=-1, epsilon=rec.get("eps", 1e-5),
+                            name=f"{name}/LayerNorm")
+
+
+def _finish(model: onnx.ModelProto, opset: int, with_functions: bool = False) -> onnx.ModelProto:
     from onnx import version_converter
 
+    if with_functions:  # the domain first (the converter must know it), the functions after the conversion
+        model.opset_import.extend(intops_onnx.opset_imports())
     default = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if default != opset:
         try:
@@ -197,6 +270,8 @@ def _finish(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     model.ir_version = IR_VERSION
     model.producer_name = "qpipe"
     del model.graph.value_info[:]
+    if with_functions:
+        model.functions.extend(intops_onnx.function_protos(opset))
     model = simplify(model)
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -211,6 +286,19 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         raise QpipeError("onnxsim could not validate the simplified model")
     simplified.ir_version = IR_VERSION
     return simplified
+
+
+def build_int(art: Artifact, qparams: dict, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """``model.int.onnx``: the integer graph that calibrate exported from the PyTorch integer model, with the
+    ai.qpipe functions inside, at ``opset``, checked and simplified."""
+    info = qparams.get("int_graph") or {}
+    if not info.get("available"):
+        why = info.get("reason", "it was calibrated before qpipe wrote integer graphs; calibrate it again")
+        raise QpipeError(f"{art.path} has no integer-only graph: {why}")
+    if opset < intops_onnx.MIN_OPSET:
+        raise QpipeError(f"the integer-only graph needs --opset {intops_onnx.MIN_OPSET} or higher, got {opset}")
+    model = _load(art.file("graph.int.onnx"))
+    return _finish(model, opset, with_functions=True)
 
 
 def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DEFAULT_OPSET, layout: str = "u8",
@@ -229,14 +317,20 @@ def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DE
     graph = _load(art.file("graph.onnx"))
     qparams = art.qparams
     try:
-        ints = {k: v for k, v in load_file(str(art.file("quantized.safetensors"))).items() if k.endswith("_int")}
+        state = load_file(str(art.file("quantized.safetensors")))
+        ints = {k: v for k, v in state.items() if k.endswith("_int")}
     except Exception as e:
         raise QpipeError(f"{art.file('quantized.safetensors')} is not a readable safetensors file") from e
     written = []
-    todo = {"qdq": ["qdq"], "fp32": ["fp32"], "all": ["qdq", "fp32"]}[format]
+    has_int = bool(qparams.get("int_graph", {}).get("available"))
+    todo = {"qdq": ["qdq"], "fp32": ["fp32"], "int": ["int"],
+            "all": ["qdq", "fp32"] + (["int"] if has_int else [])}[format]
     for f in todo:
-        model = build_qdq(graph, qparams, ints, layout=layout, opset=opset, strip_only=(f == "fp32"),
-                          weight_layout=weight_layout, int4=int4)
+        if f == "int":
+            model = build_int(art, qparams, opset)
+        else:
+            model = build_qdq(graph, qparams, ints, layout=layout, opset=opset, strip_only=(f == "fp32"),
+                              weight_layout=weight_layout, int4=int4, state=state)
         name = f"model.{f}.onnx"
         model.doc_string = json.dumps({"qpipe_format": f, "layout": layout, "weight_layout": weight_layout,
                                        "recipe": art.manifest.get("recipe")})

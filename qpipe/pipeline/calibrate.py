@@ -21,6 +21,7 @@ from .qmodel import (
     ActQuant,
     Prepared,
     calibrate_activations,
+    freeze_int_ops,
     mode,
     prepare,
     quantize_biases,
@@ -140,12 +141,27 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         weight_info = {name: {"bits": info["bits"],
                               "sqnr_db": weight_sqnr(p.gm.get_submodule(name))} for name, info in weight_info.items()}
     quantize_biases(p)
+    int_ops = freeze_int_ops(p)
     p.gm.cpu()
     shape = tuple(source.input_shape)
     record = qparams_record(p, recipe, weight_info, shape)
+    record["intops"] = int_ops
     if report is not None:
         record["adaround"] = report
     graph = export_graph(p, shape)
+    int_graph = None
+    if recipe.quantizes_activations and recipe.quantizes_weights:
+        from .intmodel import export_int_graph, to_int
+
+        try:
+            int_graph = export_int_graph(to_int(p.gm, shape), shape)
+        except QpipeError as e:  # recorded: qpipe export --format int says why
+            record["int_graph"] = {"available": False, "reason": str(e)}
+        else:
+            record["int_graph"] = {"available": True}
+    else:
+        record["int_graph"] = {"available": False,
+                               "reason": "the integer-only graph needs quantized weights and activations"}
 
     with staging_dir(out) as tmp:
         write_atomic(tmp / "recipe.yaml", dump_recipe(recipe))
@@ -153,6 +169,10 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         save_file(state, str(tmp / "quantized.safetensors"))
         write_json(tmp / "qparams.json", record)
         write_atomic(tmp / "graph.onnx", graph)
+        files = ["recipe.yaml", "quantized.safetensors", "qparams.json", "graph.onnx"]
+        if int_graph is not None:
+            write_atomic(tmp / "graph.int.onnx", int_graph)
+            files.append("graph.int.onnx")
         weights_path = str(Path(weights).resolve()) if weights else None
         if weights is None and isinstance(model_spec, str):
             from qpipe.models import REGISTRY, ROOT
@@ -169,7 +189,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
             "recipe": recipe.name, "seed": recipe.seed, "calibration_images": n, "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "commands": [{"command": command or "qpipe.calibrate()", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}],
-            "files": hash_files(tmp, ["recipe.yaml", "quantized.safetensors", "qparams.json", "graph.onnx"]),
+            "files": hash_files(tmp, files),
         }
         write_json(tmp / "manifest.json", manifest)
     if workdir.exists():
@@ -188,6 +208,17 @@ def load_quantized(artifact: Artifact | str | Path) -> fx.GraphModule:
     if spec.startswith("<in-memory"):
         raise QpipeError(f"{art.path} was calibrated from an in-memory model; pass the model to evaluate it in torch")
     return load_quantized_from(build_model(spec), art)
+
+
+def load_int_model(artifact: Artifact | str | Path, model: nn.Module | None = None) -> fx.GraphModule:
+    """The PyTorch integer simulation of an artifact: the model that ``model.int.onnx`` was exported from."""
+    from .intmodel import to_int
+
+    art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
+    import copy
+
+    q = load_quantized_from(copy.deepcopy(model), art) if model is not None else load_quantized(art)
+    return to_int(q, tuple(art.qparams["input_shape"]))
 
 
 def load_quantized_from(model: nn.Module, art: Artifact) -> fx.GraphModule:

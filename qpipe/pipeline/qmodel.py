@@ -17,7 +17,9 @@ from torch import fx, nn
 
 from qpipe.errors import QpipeError
 from qpipe.recipe import FLOAT_BITS, Recipe
+from qpipe.reference.intops import OUT_BITS
 
+from . import intops
 from .fold import fold_batchnorm, trace
 from .observers import ActivationObserver, estimate
 from .quant import QuantSpec, dequantize, fake_quantize, fake_quantize_ste, lsq_fake_quantize, quantize
@@ -141,14 +143,139 @@ class ActQuant(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
 
 
+class MarkOp(torch.autograd.Function):
+    """Identity written as ``qpipe.mark::IntOp(name=...)``: where an integer op replaces a float one, the QDQ
+    exporter puts Q -> ai.qpipe op -> scale in its place with the constants of ``qparams.json["intops"]``."""
+
+    @staticmethod
+    def forward(ctx, x, name):
+        return x
+
+    @staticmethod
+    def symbolic(g, x, name):
+        out = g.op(f"{MARK_DOMAIN}::IntOp", x, name_s=name)
+        out.setType(x.type())
+        return out
+
+
+class _IntOpMixin:
+    """A transformer non-linearity that runs as an I-ViT integer op once frozen (``recipe.ops.<op> = int``):
+    it reads the integers of its input quantizer and returns the op's output at its exact scale.
+    Float in ``float``/``observe`` modes, so calibration observes the float model."""
+
+    def _init_int(self, kind: str):
+        self.kind = kind
+        self.qname = ""
+        self.in_q: str | None = None     # quantizer feeding the op
+        self.out_q: str | None = None    # quantizer after it
+        self.register_buffer("x0", None)        # IntSoftmax / IntGELU: floor(-1 / s)
+        self.register_buffer("ln_m", None)      # IntLayerNorm: per-channel multiplier, shift, bias
+        self.register_buffer("ln_k", None)
+        self.register_buffer("ln_b", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in ("x0", "ln_m", "ln_k", "ln_b"):
+            if prefix + k in state_dict:
+                setattr(self, k, torch.empty_like(state_dict[prefix + k]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def int_forward(self, x: torch.Tensor, float_forward) -> torch.Tensor:
+        m = _STATE["mode"]
+        frozen = self.x0 is not None or self.ln_m is not None
+        if m in ("float", "observe") or not frozen:
+            return float_forward(x)
+        if m == "mark":
+            return MarkOp.apply(x, self.qname)
+        src = self.__dict__["_in"]
+        q = torch.round(x / src.scale).to(torch.int64) - src.zero_point.to(torch.int64)
+        if self.kind == "softmax":
+            return intops.softmax(q, int(self.x0)).float() * 2.0**-OUT_BITS
+        if self.kind == "gelu":
+            return intops.gelu(q, int(self.x0)).float() * (src.scale * 2.0**-OUT_BITS)
+        dst = self.__dict__["_out"]
+        y = intops.layernorm(q, self.ln_params())
+        return (y - dst.zero_point.to(torch.int64)).float() * dst.scale
+
+    def ln_params(self):
+        from qpipe.reference.intops import LayerNormParams
+
+        dst = self.__dict__["_out"]
+        return LayerNormParams(tuple(self.ln_m.tolist()), int(self.ln_k), tuple(self.ln_b.tolist()),
+                               int(dst.zero_point), dst.spec.qmin, dst.spec.qmax)
+
+    def freeze_int(self) -> dict:
+        """Integer constants from the frozen quantizers; returns the record for ``qparams.json["intops"]``."""
+        from qpipe.reference import intops as ref
+
+        src, dst = self.__dict__["_in"], self.__dict__["_out"]
+        s_in = float(src.scale)
+        rec = {"op": {"softmax": "IntSoftmax", "gelu": "IntGELU", "layernorm": "IntLayerNorm"}[self.kind],
+               "input": self.in_q, "output": self.out_q, "input_scale": s_in, "input_zero_point": int(src.zero_point)}
+        if self.kind in ("softmax", "gelu"):
+            x0 = ref.shiftexp_x0(s_in) if self.kind == "softmax" else ref.gelu_x0(s_in)
+            self.x0 = torch.tensor(x0, dtype=torch.int64)
+            rec.update(x0=x0, output_scale=2.0**-OUT_BITS if self.kind == "softmax" else s_in * 2.0**-OUT_BITS)
+        else:
+            d = self.normalized_shape[-1]
+            w = self.weight.detach().double().numpy() if self.weight is not None else [1.0] * d
+            b = self.bias.detach().double().numpy() if self.bias is not None else [0.0] * d
+            p = ref.layernorm_params(w, b, float(dst.scale), int(dst.zero_point), dst.spec.qmin, dst.spec.qmax)
+            self.ln_m = torch.tensor(p.m, dtype=torch.int64)
+            self.ln_k = torch.tensor(p.k, dtype=torch.int64)
+            self.ln_b = torch.tensor(p.b, dtype=torch.int64)
+            rec.update(m=list(p.m), k=p.k, b=list(p.b), zero_point=p.zero_point, qmin=p.qmin, qmax=p.qmax,
+                       output_scale=float(dst.scale), eps=self.eps)
+        return rec
+
+
+class QSoftmax(_IntOpMixin, nn.Softmax):
+    def forward(self, x):
+        return self.int_forward(x, super().forward)
+
+
+class QGELU(_IntOpMixin, nn.GELU):
+    def forward(self, x):
+        return self.int_forward(x, super().forward)
+
+
+class QLayerNorm(_IntOpMixin, nn.LayerNorm):
+    def forward(self, x):
+        return self.int_forward(x, super().forward)
+
+
+def _to_int_op(m: nn.Module, kind: str, name: str) -> nn.Module:
+    if kind == "softmax":
+        if m.dim not in (-1, None):
+            raise QpipeError(f"{name}: integer softmax needs dim=-1, got dim={m.dim}")
+        q = QSoftmax(dim=-1)
+    elif kind == "gelu":
+        q = QGELU(approximate=m.approximate)
+    else:
+        if len(m.normalized_shape) != 1:
+            raise QpipeError(f"{name}: integer LayerNorm normalises one (the last) axis, got {m.normalized_shape}")
+        q = QLayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
+                       bias=m.bias is not None)
+        q.load_state_dict(m.state_dict())
+    q._init_int(kind)
+    q.qname = name
+    return q
+
+
 RELU_MODULES = (nn.ReLU,)
 RELU_FUNCS = (F.relu, torch.relu)
 PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-PASS_FUNCS = (torch.flatten, F.max_pool2d, F.dropout)
-PASS_METHODS = ("flatten", "view", "reshape", "contiguous")
+PASS_FUNCS = (torch.flatten, F.max_pool2d, F.dropout, operator.getitem, torch.permute, torch.transpose,
+              torch.reshape)
+PASS_METHODS = ("flatten", "view", "reshape", "contiguous", "permute", "transpose", "expand", "squeeze",
+                "unsqueeze")
 ADD_FUNCS = (operator.add, torch.add, operator.iadd)
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 POOL_FUNCS = (F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean)
+MATMUL_FUNCS = (torch.matmul, operator.matmul)
+MUL_FUNCS = (operator.mul, torch.mul)
+OP_MODULES = {nn.Softmax: "softmax", nn.GELU: "gelu", nn.LayerNorm: "layernorm"}  # transformer non-linearities
+# producers whose output gets its own quantizer (a following BatchNorm / ReLU / constant scale taken with it)
+QUANTIZED_KINDS = ("input", "layer", "add", "pool", "matmul", "softmax", "gelu", "layernorm", "cat")
 
 
 @dataclass
@@ -157,6 +284,7 @@ class Prepared:
     layers: list[str]          # quantizable Conv/Linear modules in graph order
     act: list[str]             # activation quantizer module names in graph order
     layer_input: dict[str, str | None]  # layer -> quantizer feeding it (through pass-through ops)
+    int_ops: list[str]         # integer Softmax / GELU / LayerNorm modules (recipe.ops)
 
 
 def _kind(node: fx.Node, modules) -> str:
@@ -176,6 +304,9 @@ def _kind(node: fx.Node, modules) -> str:
             return "pool"
         if isinstance(m, ActQuant):
             return "aq"
+        for cls, kind in OP_MODULES.items():
+            if isinstance(m, cls):
+                return kind
     if node.op == "call_function":
         if node.target in RELU_FUNCS:
             return "relu"
@@ -185,6 +316,12 @@ def _kind(node: fx.Node, modules) -> str:
             return "pass"
         if node.target in POOL_FUNCS:
             return "pool"
+        if node.target in MATMUL_FUNCS:
+            return "matmul"
+        if node.target is torch.cat:
+            return "cat"
+        if node.target in MUL_FUNCS and any(isinstance(a, (int, float)) for a in node.args):
+            return "scale"  # multiplication by a constant number
     if node.op == "call_method":
         if node.target == "relu":
             return "relu"
@@ -214,6 +351,15 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
         q = _to_q(modules[name])
         q.qname = name
         setattr(gm.get_submodule(parent) if parent else gm, leaf, q)
+    int_ops = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = modules[node.target]
+            kind = next((k for cls, k in OP_MODULES.items() if isinstance(m, cls)), None)
+            if kind and getattr(recipe.ops, kind) == "int" and recipe.quantizes_activations:
+                parent, _, leaf = node.target.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, leaf, _to_int_op(m, kind, node.target))
+                int_ops.append(node.target)
     modules = dict(gm.named_modules())
 
     act: list[str] = []
@@ -222,9 +368,12 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
         nonneg: dict[fx.Node, bool] = {}
         owner: dict[fx.Node, str] = {}   # node -> quantizer whose grid its values lie on
 
-        def insert(after: fx.Node, source: str | None, is_nonneg: bool) -> None:
+        specs: dict[str, int] = {}   # quantizer -> bits
+
+        def insert(after: fx.Node, source: str | None, is_nonneg: bool, bits: int) -> None:
             name = f"aq_{after.name}"
-            spec = QuantSpec(a.bits, signed=not (is_nonneg or not a.symmetric), symmetric=a.symmetric)
+            spec = QuantSpec(bits, signed=not (is_nonneg or not a.symmetric), symmetric=a.symmetric)
+            specs[source or name] = bits
             aq = ActQuant(spec, source)
             aq.qname = source or name
             gm.add_submodule(name, aq)
@@ -238,24 +387,32 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
 
         for node in list(gm.graph.nodes):
             k = _kind(node, modules)
-            if k in ("input", "layer", "add", "pool"):
+            if k in QUANTIZED_KINDS:
                 if k == "input" and not node.users:
                     continue
-                tail, nn_flag = node, (k == "pool" and all(nonneg.get(x, False) for x in node.all_input_nodes))
+                if k == "layer" and isinstance(modules[node.target], nn.Linear) and _feeds_add(node, modules):
+                    continue  # a Linear read only by a residual add: the add's quantizer takes its accumulator
+                tail, nn_flag = node, (k in ("pool", "cat") and all(nonneg.get(x, False) for x in node.all_input_nodes))
+                nn_flag = nn_flag or k == "softmax"
                 while len(tail.users) == 1:
                     user = next(iter(tail.users))
                     uk = _kind(user, modules)
-                    if uk == "bn":
+                    if uk == "bn" or (uk == "scale" and k in ("layer", "matmul")):
                         tail = user
                     elif uk == "relu":
                         tail, nn_flag = user, True
                         break
                     else:
                         break
-                insert(tail, None, nn_flag)
+                bits = a.bits
+                if k == "add" and a.residual_bits is not None and not _read_by_layer(tail, modules):
+                    bits = a.residual_bits
+                if k == "softmax" and recipe.ops.softmax == "int":
+                    bits = OUT_BITS  # IntSoftmax writes 8-bit probabilities at the fixed scale 2^-8
+                insert(tail, None, nn_flag, bits)
             elif k == "pass" and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]
-                insert(node, owner[src], nonneg.get(src, False))
+                insert(node, owner[src], nonneg.get(src, False), specs[owner[src]])
 
     layer_input: dict[str, str | None] = {}
     modules = dict(gm.named_modules())
@@ -265,9 +422,46 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
             layer_input[node.target] = None
             if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], ActQuant):
                 layer_input[node.target] = modules[src.target].qname
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in int_ops:
+            op = modules[node.target]
+            src, users = node.args[0], list(node.users)
+            if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules.get(src.target), ActQuant)):
+                raise QpipeError(f"{node.target}: an integer {op.kind} needs a quantized input")
+            if not (len(users) == 1 and users[0].op == "call_module" and isinstance(modules.get(users[0].target), ActQuant)):
+                raise QpipeError(f"{node.target}: an integer {op.kind} needs one quantizer after it")
+            op.in_q, op.out_q = modules[src.target].qname, modules[users[0].target].qname
+            op.__dict__["_in"] = gm.get_submodule(op.in_q)
+            op.__dict__["_out"] = gm.get_submodule(op.out_q)
     gm.graph.lint()
     gm.recompile()
-    return Prepared(gm, layers, act, layer_input)
+    return Prepared(gm, layers, act, layer_input, int_ops)
+
+
+def _users_through_pass(node: fx.Node, modules) -> list[fx.Node]:
+    """The nodes that read ``node``'s values, looking through pass-through ops (reshape, dropout, ...)."""
+    out, todo = [], list(node.users)
+    while todo:
+        u = todo.pop()
+        if _kind(u, modules) == "pass":
+            todo.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def _feeds_add(node: fx.Node, modules) -> bool:
+    users = _users_through_pass(node, modules)
+    return bool(users) and all(_kind(u, modules) == "add" for u in users)
+
+
+def _read_by_layer(node: fx.Node, modules) -> bool:
+    """True when a Conv/Linear/matmul reads ``node`` (after a ReLU or pass-through ops)."""
+    for u in _users_through_pass(node, modules):
+        k = _kind(u, modules)
+        if k in ("layer", "matmul") or (k == "relu" and _read_by_layer(u, modules)):
+            return True
+    return False
 
 
 def weight_bits(recipe: Recipe, index: int, n_layers: int) -> int:
@@ -362,9 +556,20 @@ def calibrate_activations(p: Prepared, recipe: Recipe, batches) -> int:
             aq.scale = torch.tensor(s, dtype=torch.float32)
             aq.zero_point = torch.tensor(z, dtype=torch.int32)
             aq.observer = None
+    for name in p.int_ops:  # IntSoftmax writes probabilities at the fixed scale 2^-8, zero point 0
+        op = p.gm.get_submodule(name)
+        if op.kind == "softmax":
+            dst = p.gm.get_submodule(op.out_q)
+            dst.scale = torch.tensor(2.0**-OUT_BITS, dtype=torch.float32)
+            dst.zero_point = torch.tensor(0, dtype=torch.int32)
     for name in p.act:
         aq = p.gm.get_submodule(name)
         if aq.source is not None:
             src = p.gm.get_submodule(aq.source)
             aq.scale, aq.zero_point = src.scale.clone(), src.zero_point.clone()
     return n
+
+
+def freeze_int_ops(p: Prepared) -> dict[str, dict]:
+    """Integer constants of every integer op from the frozen quantizers (after calibration / LSQ)."""
+    return {name: p.gm.get_submodule(name).freeze_int() for name in p.int_ops}

@@ -25,16 +25,22 @@ def _topk(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
     return top1, top5
 
 
-def _resolve(target: str | Path) -> tuple[Artifact | None, Path, str]:
+FORMATS = ("qdq", "int", "fp32")
+
+
+def _resolve(target: str | Path, fmt: str | None = None) -> tuple[Artifact | None, Path, str]:
     p = Path(target)
     if not p.exists():
         raise QpipeError(f"{target} does not exist (give an artifact folder or an .onnx file)")
+    if fmt is not None and fmt not in FORMATS:
+        raise QpipeError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if p.is_dir():
         art = Artifact(p)
-        for fmt in ("qdq", "fp32"):
-            if art.file(f"model.{fmt}.onnx").is_file():
-                return art, art.file(f"model.{fmt}.onnx"), fmt
-        raise QpipeError(f"{p} has no exported model; run 'qpipe export {p}' first")
+        for f in ((fmt,) if fmt else FORMATS):
+            if art.file(f"model.{f}.onnx").is_file():
+                return art, art.file(f"model.{f}.onnx"), f
+        what = f"model.{fmt}.onnx" if fmt else "exported model"
+        raise QpipeError(f"{p} has no {what}; run 'qpipe export {p}{' --format ' + fmt if fmt else ''}' first")
     if p.suffix == ".onnx":
         if not p.is_file():
             raise QpipeError(f"ONNX file {p} does not exist")
@@ -70,11 +76,14 @@ def output_step(art: Artifact | None) -> float | None:
 
 def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = "cpu",
              batch_size: int = 64, latency: bool = True, limit: int | None = None, threads: int | None = None,
-             write: bool = True, command: str | None = None, progress: bool = True, model=None) -> dict:
+             write: bool = True, command: str | None = None, progress: bool = True, model=None,
+             format: str | None = None) -> dict:
     """Evaluate on the test split; returns (and writes to the artifact) the metrics dict.
 
     ``data``: a spec string, a source or an iterable of ``(x, y)`` batches (default: the artifact's data).
-    ``model``: the float ``nn.Module`` an artifact was calibrated from in memory (for the torch side)."""
+    ``model``: the float ``nn.Module`` an artifact was calibrated from in memory (for the torch side).
+    ``format``: which model of an artifact folder (qdq, int, fp32; default the first exported of these). For
+    ``int`` the PyTorch side is the integer simulation, and parity must be exact."""
     import torch
     from tqdm import tqdm
 
@@ -84,7 +93,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         raise QpipeError(f"unknown backend {backend!r}; use ort or torch")
     if batch_size < 1:
         raise QpipeError(f"--batch-size must be at least 1, got {batch_size}")
-    art, onnx_path, fmt = _resolve(target)
+    art, onnx_path, fmt = _resolve(target, format)
     if data is None:
         data = art.manifest.get("data") if art else None
         if not data:
@@ -96,7 +105,11 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         raise QpipeError(f"data {data}: the test split is empty")
 
     qmodel = None
-    if art is not None and (backend == "torch" or fmt == "qdq"):
+    if art is not None and fmt == "int" and not (model is None and str(art.manifest.get("model", "")).startswith("<in-memory")):
+        from qpipe.pipeline.calibrate import load_int_model
+
+        qmodel = load_int_model(art, model)
+    elif art is not None and (backend == "torch" or fmt == "qdq"):
         from qpipe.pipeline.calibrate import load_quantized, load_quantized_from
 
         if model is not None:
@@ -116,7 +129,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         raise QpipeError("--backend torch needs an artifact folder (the PyTorch quantized model)")
 
     sess = fast = None
-    if backend == "ort" or fmt == "qdq":
+    if backend == "ort" or fmt in ("qdq", "int"):
         sess = make_session(onnx_path, device, optimized=False, threads=threads)
         fast = make_session(onnx_path, device, optimized=True, threads=threads)
 
@@ -152,7 +165,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
     step = output_step(art)
     if qmodel is not None and sess is not None:
         steps = (lambda d: round(d / step, 3)) if step else (lambda d: None)
-        metrics["parity"] = {"reference": "torch quantized model", "session": "validation (no graph optimisation)",
+        reference = "torch integer model" if fmt == "int" else "torch quantized model"
+        metrics["parity"] = {"reference": reference, "session": "validation (no graph optimisation)",
                              "top1_agreement": agree / n, "max_abs_diff": max_diff,
                              "max_abs_diff_steps": steps(max_diff), "output_step": step}
         metrics["parity_optimized"] = {"session": "fully optimised (fused integer kernels)",

@@ -1,0 +1,723 @@
+"""The integer-only model: the frozen Q-model rewritten so that every tensor between the input quantizer and
+the output dequantizer is an integer (int64 in PyTorch), with dyadic requantisation between layers.
+
+``to_int(gm, input_shape)`` walks the Q-model's fx graph and replaces
+
+- the input quantizer by ``QuantizeLinear``-exact rounding (half to even) to its grid;
+- Conv / Linear / matmul by exact integer products of ``(x - z_x)(w - z_w)`` plus the int32 bias: an
+  *accumulator* whose real value is ``acc * s_x * s_w``; a ReLU or a constant factor after it is folded into the
+  next requantisation;
+- each activation quantizer by ``Requant`` (``m / 2^k = s_acc / s_out``, round half up, clamp);
+- residual adds by ``IntAdd`` (both operands requantised to the output grid; constants such as the position
+  embedding integerised on it), ``torch.cat`` with a constant (the class token) likewise;
+- Softmax / GELU / LayerNorm by IntSoftmax / IntGELU / IntLayerNorm (the recipe must say ``int`` for each);
+- max / global average pooling by their integer forms; and ends with one dequantisation to float logits.
+
+Every replacement is a module whose forward computes the integers with ``qpipe.pipeline.intops`` and whose
+ONNX symbolic writes the same computation as ConvInteger / MatMulInteger / ``ai.qpipe`` nodes, so
+``torch.onnx.export`` of this model *is* the integer-only ONNX graph (finished by ``qpipe export --format int``),
+and onnxruntime must reproduce its outputs exactly. Reshape / permute / getitem / flatten / expand stay as they
+are: they act on int64 tensors unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import operator
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from qpipe.errors import QpipeError
+from qpipe.reference.intops import OUT_BITS, dyadic
+
+from . import intops
+from .qmodel import (
+    MUL_FUNCS,
+    ActQuant,
+    QConv2d,
+    QLinear,
+    _IntOpMixin,
+    _kind,
+    mode,
+)
+
+QDOMAIN = "ai.qpipe"
+OPSET_INT_GRAPH = 20  # the TorchScript exporter's highest; the exporter converts to its own opset
+
+
+# ---------------------------------------------------------------- what a value is
+
+@dataclass(frozen=True)
+class Grid:
+    """int64 values on a b-bit grid: real value = (q - z) * s."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+@dataclass(frozen=True)
+class Acc:
+    """An integer accumulator (zero point 0, unbounded): real value = acc * scale, ``scale`` a float or a
+    per-channel tuple along ``axis``; ``relu``: a ReLU is pending (folded into the next requantisation)."""
+
+    scale: float | tuple[float, ...]
+    axis: int = -1
+    relu: bool = False
+
+
+class Const:
+    """A float constant (a parameter, maybe expanded): integerised on the grid of the op that reads it."""
+
+    def __init__(self, make):
+        self.make = make  # grid -> node of the new graph that yields the integers
+
+
+# ---------------------------------------------------------------- the integer modules and their ONNX symbolics
+
+def _q(g, op: str, *args):
+    """An ai.qpipe node whose output has the type and shape of its first input (what the op preserves)."""
+    out = g.op(f"{QDOMAIN}::{op}", *args)
+    out.setType(args[0].type())
+    return out
+
+
+def _c(g, v, dtype=torch.int64):
+    return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
+
+
+def _to_u8(g, x, zero_point: int, signed: bool):
+    """int64 grid values -> uint8 container (+128 for signed grids) and its zero point (u8 x u8 kernels)."""
+    shift = 128 if signed else 0
+    if shift:
+        x = g.op("Add", x, _c(g, shift))
+    return g.op("Cast", x, to_i=2), _c(g, zero_point + shift, torch.uint8)  # 2 = UINT8
+
+
+class _QuantizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float, zp: int, qmin: int, qmax: int):
+        s = torch.tensor(scale, dtype=torch.float32, device=x.device)
+        return torch.clamp(torch.round(x.float() / s) + zp, qmin, qmax).to(torch.int64)
+
+    @staticmethod
+    def symbolic(g, x, scale, zp, qmin, qmax):
+        signed = qmin < 0
+        q = g.op("QuantizeLinear", x, _c(g, scale, torch.float32), _c(g, zp, torch.int8 if signed else torch.uint8))
+        q = g.op("Cast", q, to_i=7)  # 7 = INT64
+        if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
+            q = _q(g, "Clamp", q, _c(g, qmin), _c(g, qmax))
+        return q
+
+
+class IntQuantize(nn.Module):
+    def __init__(self, grid: Grid):
+        super().__init__()
+        if grid.qmax - grid.qmin > 255:
+            raise QpipeError("the integer graph's input quantizer must be 8-bit or narrower")
+        self.grid = grid
+
+    def forward(self, x):
+        gr = self.grid
+        return _QuantizeFn.apply(x, gr.scale, gr.zero_point, gr.qmin, gr.qmax)
+
+
+class _RequantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, m, k, zp: int, qmin: int, qmax: int, zin: int):
+        return intops.requantize(x - zin, m, k, zp, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, m, k, zp, qmin, qmax, zin):
+        if zin:
+            x = g.op("Sub", x, _c(g, zin))
+        return _q(g, "Requant", x, m, k, _c(g, zp), _c(g, qmin), _c(g, qmax))
+
+
+def _mk(multiplier, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    d = dyadic(multiplier)
+    return (torch.tensor(d.m, dtype=torch.int64).reshape(shape), torch.tensor(d.k, dtype=torch.int64).reshape(shape))
+
+
+def _bshape(n: int, axis: int, ndim: int) -> tuple[int, ...]:
+    """Broadcast shape of a per-channel vector of length n along ``axis`` of an ndim tensor."""
+    if n == 1:
+        return ()
+    shape = [1] * ndim
+    shape[axis] = n
+    return tuple(shape)
+
+
+class IntRequant(nn.Module):
+    """(x - z_in) * multiplier -> grid (dyadic, round half up); per channel when the multiplier is a vector."""
+
+    def __init__(self, multiplier, shape, grid: Grid, lo: int, zin: int = 0):
+        super().__init__()
+        m, k = _mk(multiplier, shape)
+        self.register_buffer("m", m)
+        self.register_buffer("k", k)
+        self.zp, self.lo, self.hi, self.zin = grid.zero_point, lo, grid.qmax, zin
+
+    def forward(self, x):
+        return _RequantFn.apply(x, self.m, self.k, self.zp, self.lo, self.hi, self.zin)
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, zx: int, signed: bool, stride, padding, dilation, groups):
+        y = F.conv2d((x - zx).double(), w.double(), None, stride, padding, dilation, groups)
+        y = torch.round(y).to(torch.int64)
+        return y if b is None else y + b.reshape(1, -1, 1, 1)
+
+    @staticmethod
+    def symbolic(g, x, w, b, zx, signed, stride, padding, dilation, groups):
+        xu, zu = _to_u8(g, x, zx, signed)
+        wu = g.op("Cast", g.op("Add", w, _c(g, 128)), to_i=2)
+        kernel = w.type().sizes()[2:] if w.type().sizes() else None
+        attrs = {"strides_i": list(stride), "pads_i": list(padding) * 2, "dilations_i": list(dilation),
+                 "group_i": groups}
+        if kernel:
+            attrs["kernel_shape_i"] = list(kernel)
+        y = g.op("ConvInteger", xu, wu, zu, _c(g, 128, torch.uint8), **attrs)
+        y = g.op("Cast", y, to_i=7)
+        if b is not None:
+            y = g.op("Add", y, g.op("Reshape", b, _c(g, [1, -1, 1, 1])))
+        return y
+
+
+class IntConv(nn.Module):
+    def __init__(self, conv: QConv2d, grid: Grid):
+        super().__init__()
+        if conv.weight_int is None:
+            raise QpipeError(f"{conv.qname}: the integer-only graph needs quantized weights (weights.bits 2..8)")
+        if conv.weight_zero_point.abs().max() != 0:
+            raise QpipeError(f"{conv.qname}: the integer-only graph needs symmetric weights (weights.symmetric)")
+        if grid.qmax - grid.qmin > 255:
+            raise QpipeError(f"{conv.qname}: the integer-only graph needs 8-bit inputs to Conv, got {grid}")
+        self.register_buffer("w", conv.weight_int.to(torch.int64))
+        self.register_buffer("b", None if conv.bias_int is None else conv.bias_int.to(torch.int64))
+        self.zx, self.signed = grid.zero_point, grid.signed
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        if isinstance(self.padding, str):
+            raise QpipeError(f"{conv.qname}: padding={self.padding!r} is not supported in the integer graph")
+
+    def forward(self, x):
+        return _ConvFn.apply(x, self.w, self.b, self.zx, self.signed, self.stride, self.padding, self.dilation,
+                             self.groups)
+
+
+class _MatMulFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, za: int, zb: int, sa: bool, sb: bool):
+        return torch.round(torch.matmul((a - za).double(), (b - zb).double())).to(torch.int64)
+
+    @staticmethod
+    def symbolic(g, a, b, za, zb, sa, sb):
+        au, zau = _to_u8(g, a, za, sa)
+        bu, zbu = _to_u8(g, b, zb, sb)
+        return g.op("Cast", g.op("MatMulInteger", au, bu, zau, zbu), to_i=7)
+
+
+class IntMatMul(nn.Module):
+    """(a - z_a) @ (b - z_b) exactly, for two activation grids."""
+
+    def __init__(self, ga: Grid, gb: Grid):
+        super().__init__()
+        for gr in (ga, gb):
+            if gr.qmax - gr.qmin > 255:
+                raise QpipeError(f"the integer-only graph needs 8-bit matmul inputs, got {gr}")
+        self.za, self.zb, self.sa, self.sb = ga.zero_point, gb.zero_point, ga.signed, gb.signed
+
+    def forward(self, a, b):
+        return _MatMulFn.apply(a, b, self.za, self.zb, self.sa, self.sb)
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, wt, b, zx: int, signed: bool):
+        y = torch.round(torch.matmul((x - zx).double(), wt.double())).to(torch.int64)
+        return y if b is None else y + b
+
+    @staticmethod
+    def symbolic(g, x, wt, b, zx, signed):
+        xu, zu = _to_u8(g, x, zx, signed)
+        wu = g.op("Cast", g.op("Add", wt, _c(g, 128)), to_i=2)
+        y = g.op("Cast", g.op("MatMulInteger", xu, wu, zu, _c(g, 128, torch.uint8)), to_i=7)
+        return y if b is None else g.op("Add", y, b)
+
+
+class IntLinear(nn.Module):
+    def __init__(self, lin: QLinear, grid: Grid):
+        super().__init__()
+        if lin.weight_int is None:
+            raise QpipeError(f"{lin.qname}: the integer-only graph needs quantized weights (weights.bits 2..8)")
+        if lin.weight_zero_point.abs().max() != 0:
+            raise QpipeError(f"{lin.qname}: the integer-only graph needs symmetric weights (weights.symmetric)")
+        if grid.qmax - grid.qmin > 255:
+            raise QpipeError(f"{lin.qname}: the integer-only graph needs 8-bit inputs to Linear, got {grid}")
+        self.register_buffer("wt", lin.weight_int.to(torch.int64).t().contiguous())  # (in, out) for MatMulInteger
+        self.register_buffer("b", None if lin.bias_int is None else lin.bias_int.to(torch.int64))
+        self.zx, self.signed = grid.zero_point, grid.signed
+
+    def forward(self, x):
+        return _LinearFn.apply(x, self.wt, self.b, self.zx, self.signed)
+
+
+class _AddFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, za: int, ma, ka, b, zb: int, mb, kb, zp: int, qmin: int, qmax: int):
+        ya = intops.requantize(a - za, ma, ka)
+        yb = intops.requantize(b - zb, mb, kb)
+        return torch.clamp(ya + yb + zp, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, a, za, ma, ka, b, zb, mb, kb, zp, qmin, qmax):
+        return _q(g, "IntAdd", a, _c(g, za), ma, ka, b, _c(g, zb), mb, kb, _c(g, zp), _c(g, qmin),
+                    _c(g, qmax))
+
+
+class IntAdd(nn.Module):
+    """Residual add: each operand (a grid, an accumulator or an integerised constant) requantised to the output
+    grid, summed, clamped (a folded ReLU raises the lower bound to the zero point)."""
+
+    def __init__(self, mults, shapes, zins, grid: Grid, lo: int):
+        super().__init__()
+        for i in (0, 1):
+            m, k = _mk(mults[i], shapes[i])
+            self.register_buffer(f"m{i}", m)
+            self.register_buffer(f"k{i}", k)
+        self.za, self.zb = zins
+        self.zp, self.lo, self.hi = grid.zero_point, lo, grid.qmax
+
+    def forward(self, a, b):
+        return _AddFn.apply(a, self.za, self.m0, self.k0, b, self.zb, self.m1, self.k1, self.zp, self.lo, self.hi)
+
+
+class _SoftmaxFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, zin: int, x0: int):
+        return intops.softmax(x - zin, x0)
+
+    @staticmethod
+    def symbolic(g, x, zin, x0):
+        return _q(g, "IntSoftmax", g.op("Sub", x, _c(g, zin)), _c(g, x0))
+
+
+class _GeluFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, zin: int, x0: int):
+        return intops.gelu(x - zin, x0)
+
+    @staticmethod
+    def symbolic(g, x, zin, x0):
+        return _q(g, "IntGELU", g.op("Sub", x, _c(g, zin)), _c(g, x0))
+
+
+class _LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, zin: int, m, k: int, b, zp: int, qmin: int, qmax: int):
+        from qpipe.reference.intops import LayerNormParams
+
+        p = LayerNormParams(tuple(m.tolist()), k, tuple(b.tolist()), zp, qmin, qmax)
+        return intops.layernorm(x - zin, p)
+
+    @staticmethod
+    def symbolic(g, x, zin, m, k, b, zp, qmin, qmax):
+        return _q(g, "IntLayerNorm", g.op("Sub", x, _c(g, zin)), m, _c(g, k), b, _c(g, zp),
+                    _c(g, qmin), _c(g, qmax))
+
+
+class IntNonlinear(nn.Module):
+    """IntSoftmax / IntGELU / IntLayerNorm on (x - z_in) with the constants the Q-model froze."""
+
+    def __init__(self, op: _IntOpMixin, zin: int):
+        super().__init__()
+        self.kind, self.zin = op.kind, zin
+        if op.kind == "layernorm":
+            p = op.ln_params()
+            self.register_buffer("ln_m", torch.tensor(p.m, dtype=torch.int64))
+            self.register_buffer("ln_b", torch.tensor(p.b, dtype=torch.int64))
+            self.k, self.zp, self.qmin, self.qmax = p.k, p.zero_point, p.qmin, p.qmax
+        else:
+            self.x0 = int(op.x0)
+
+    def forward(self, x):
+        if self.kind == "softmax":
+            return _SoftmaxFn.apply(x, self.zin, self.x0)
+        if self.kind == "gelu":
+            return _GeluFn.apply(x, self.zin, self.x0)
+        return _LayerNormFn.apply(x, self.zin, self.ln_m, self.k, self.ln_b, self.zp, self.qmin, self.qmax)
+
+
+class _MaxPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, signed: bool):
+        # -inf padding as MaxPool; values are exact in float64
+        return F.max_pool2d(x.double(), kernel, stride, padding).to(torch.int64)
+
+    @staticmethod
+    def symbolic(g, x, kernel, stride, padding, signed):
+        xc = g.op("Cast", x, to_i=3 if signed else 2)  # INT8 / UINT8 (MaxPool has no int64 kernel)
+        y = g.op("MaxPool", xc, kernel_shape_i=list(kernel), strides_i=list(stride), pads_i=list(padding) * 2)
+        return g.op("Cast", y, to_i=7)
+
+
+class IntMaxPool(nn.Module):
+    def __init__(self, pool: nn.MaxPool2d, grid: Grid):
+        super().__init__()
+        if grid.qmax - grid.qmin > 255 or pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
+            raise QpipeError("the integer graph supports MaxPool2d on 8-bit grids without dilation or ceil_mode")
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        self.kernel, self.stride, self.padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
+        self.signed = grid.signed
+
+    def forward(self, x):
+        return _MaxPoolFn.apply(x, self.kernel, self.stride, self.padding, self.signed)
+
+
+class _SumPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, zin: int):
+        return (x - zin).sum(dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def symbolic(g, x, zin):
+        return g.op("ReduceSum", g.op("Sub", x, _c(g, zin)), _c(g, [2, 3]), keepdims_i=1)
+
+
+class IntSumPool(nn.Module):
+    """Global average pooling as the sum over H x W (the 1/(H W) goes into the next requantisation)."""
+
+    def __init__(self, zin: int):
+        super().__init__()
+        self.zin = zin
+
+    def forward(self, x):
+        return _SumPoolFn.apply(x, self.zin)
+
+
+class _DequantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float, zp: int):
+        return (x - zp).float() * torch.tensor(scale, dtype=torch.float32, device=x.device)
+
+    @staticmethod
+    def symbolic(g, x, scale, zp):
+        x32 = g.op("Cast", x, to_i=6)  # INT32
+        return g.op("DequantizeLinear", x32, _c(g, scale, torch.float32), _c(g, zp, torch.int32))
+
+
+class Dequantize(nn.Module):
+    def __init__(self, grid: Grid):
+        super().__init__()
+        self.scale, self.zp = grid.scale, grid.zero_point
+
+    def forward(self, x):
+        return _DequantFn.apply(x, self.scale, self.zp)
+
+
+# ---------------------------------------------------------------- the rewrite
+
+def _grid(aq: ActQuant) -> Grid:
+    return Grid(float(aq.scale), int(aq.zero_point), aq.spec.qmin, aq.spec.qmax)
+
+
+def _scales(v) -> tuple[float, ...]:
+    return tuple(float(s) for s in torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist())
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, input_shape):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.new = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.meta: dict[fx.Node, object] = {}
+        self.done: set[fx.Node] = set()     # nodes folded into an earlier replacement
+        self.count = 0
+        dummy = torch.zeros((2, *input_shape))
+        with mode("quant"), torch.no_grad():
+            ShapeProp(gm).propagate(dummy)
+
+    # -- helpers
+    def add_module(self, base: str, m: nn.Module) -> str:
+        self.count += 1
+        name = f"{base.replace('.', '_')}_{self.count}"
+        self.root.add_module(name, m)
+        return name
+
+    def call(self, base: str, m: nn.Module, *args) -> fx.Node:
+        return self.new.call_module(self.add_module(base, m), tuple(args))
+
+    def ndim(self, node: fx.Node) -> int:
+        tm = node.meta.get("tensor_meta")
+        return len(tm.shape) if tm is not None else 0
+
+    def aq_after(self, node: fx.Node) -> tuple[fx.Node, ActQuant, bool]:
+        """The quantizer that follows ``node`` (through one ReLU): (its node, the module, whether a ReLU lies
+        between)."""
+        relu, cur = False, node
+        while len(cur.users) == 1:
+            u = next(iter(cur.users))
+            k = _kind(u, self.modules)
+            if k == "aq":
+                return u, self.modules[u.target], relu
+            if k == "relu":
+                relu, cur = True, u
+                continue
+            break
+        raise QpipeError(f"{node.name}: the integer-only graph needs a quantizer after this op")
+
+    def mark_folded(self, node: fx.Node, until: fx.Node, value: fx.Node, meta) -> None:
+        """Map the ReLU / quantizer nodes between ``node`` and ``until`` (inclusive) to ``value``."""
+        cur = node
+        while cur is not until:
+            cur = next(iter(cur.users))
+            self.env[cur], self.meta[cur] = value, meta
+            self.done.add(cur)
+
+    def as_operand(self, node: fx.Node, grid: Grid, with_zp: bool):
+        """(new node, multiplier to ``grid``, its broadcast shape, zero point to subtract) for an add operand."""
+        meta = self.meta[node]
+        nd = self.ndim(node)
+        if isinstance(meta, Const):
+            g0 = replace(grid, zero_point=grid.zero_point if with_zp else 0)
+            return meta.make(g0), 2.0 / 2, (), 0  # exact identity: floor((2 b + 1) / 2) = b
+        if isinstance(meta, Grid):
+            return self.env[node], meta.scale / grid.scale, (), meta.zero_point
+        if isinstance(meta, Acc):
+            if meta.relu:
+                raise QpipeError(f"{node.name}: a ReLU on an accumulator that feeds an add is not supported")
+            s = _scales(meta.scale)
+            return self.env[node], [v / grid.scale for v in s], _bshape(len(s), meta.axis, nd), 0
+        raise QpipeError(f"{node.name}: unsupported operand for the integer graph ({type(meta).__name__})")
+
+    def const(self, node: fx.Node) -> Const:
+        """A float parameter read by get_attr: integerised (and registered) when the reader knows its grid."""
+        value = self.gm.get_parameter(node.target) if node.target in dict(self.gm.named_parameters()) \
+            else getattr(self.gm, node.target)
+
+        def make(grid: Grid):
+            q = torch.clamp(torch.round(value.detach().double() / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)
+            name = self.add_module(node.target + "_int", nn.Module())
+            holder = self.root.get_submodule(name)
+            holder.register_buffer("value", q.to(torch.int64))
+            return self.new.get_attr(f"{name}.value")
+
+        return Const(make)
+
+    # -- the walk
+    def run(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node in self.done:
+                continue
+            self.visit(node)
+        return fx.GraphModule(self.root, self.new)
+
+    def copy(self, node: fx.Node, meta) -> None:
+        def arg(a):
+            return self.env[a] if isinstance(a, fx.Node) else a
+        if node.op == "call_module":  # a pass-through module (Dropout, Flatten, Identity)
+            args = fx.node.map_arg(node.args, arg)
+            self.env[node] = self.call(node.target, self.modules[node.target], *args)
+        else:
+            self.env[node] = self.new.node_copy(node, arg)
+        self.meta[node] = meta
+
+    def visit(self, node: fx.Node) -> None:
+        k = _kind(node, self.modules)
+        op, target = node.op, node.target
+        if op == "placeholder":
+            self.copy(node, "float")
+            return
+        if op == "get_attr":
+            self.meta[node] = self.const(node)
+            return
+        if op == "output":
+            out = node.args[0]
+            meta = self.meta.get(out)
+            if not isinstance(meta, Grid):
+                raise QpipeError("the integer-only graph needs an output quantizer (quantized activations)")
+            y = self.call("dequantize", Dequantize(meta), self.env[out])
+            self.new.output(y)
+            return
+        args = node.args
+        x = args[0] if args and isinstance(args[0], fx.Node) else None
+        xm = self.meta.get(x) if x is not None else None
+
+        if k == "aq":
+            aq = self.modules[target]
+            gr = _grid(aq)
+            if xm == "float":
+                self.env[node] = self.call("quantize", IntQuantize(gr), self.env[x])
+            elif isinstance(xm, Grid):
+                if xm == gr:
+                    self.env[node] = self.env[x]
+                else:
+                    self.env[node] = self.call("requant", IntRequant(xm.scale / gr.scale, (), gr, gr.qmin,
+                                                                     xm.zero_point), self.env[x])
+            elif isinstance(xm, Acc):
+                s = _scales(xm.scale)
+                lo = max(gr.qmin, gr.zero_point) if xm.relu else gr.qmin
+                self.env[node] = self.call("requant", IntRequant([v / gr.scale for v in s],
+                                                                 _bshape(len(s), xm.axis, self.ndim(x)), gr, lo),
+                                           self.env[x])
+            else:
+                raise QpipeError(f"{node.name}: cannot quantize a {type(xm).__name__} value in the integer graph")
+            self.meta[node] = gr
+            return
+        if k == "layer":
+            m = self.modules[target]
+            if not isinstance(xm, Grid):
+                raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every layer")
+            sw = _scales(m.weight_scale) if m.weight_scale is not None else (1.0,)
+            acc_scale = tuple(xm.scale * v for v in sw)
+            if isinstance(m, QConv2d):
+                self.env[node] = self.call(target, IntConv(m, xm), self.env[x])
+                self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=1)
+            else:
+                self.env[node] = self.call(target, IntLinear(m, xm), self.env[x])
+                self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=-1)
+            return
+        if k == "relu":
+            if isinstance(xm, Acc):
+                self.env[node], self.meta[node] = self.env[x], replace(xm, relu=True)
+                return
+            if isinstance(xm, Grid):  # max(q, z) on a grid
+                gr = replace(xm, qmin=max(xm.qmin, xm.zero_point))
+                self.env[node] = self.call("relu", IntRequant(1.0, (), gr, gr.qmin, 0), self.env[x])
+                self.meta[node] = gr
+                return
+            raise QpipeError(f"{node.name}: ReLU on an unsupported value in the integer graph")
+        if k == "scale":
+            c = next(a for a in args if isinstance(a, (int, float)))
+            src = next(a for a in args if isinstance(a, fx.Node))
+            sm = self.meta.get(src)
+            if not isinstance(sm, Acc) or sm.relu:
+                raise QpipeError(f"{node.name}: multiplication by a constant is folded only after Conv/Linear/matmul")
+            s = _scales(sm.scale)
+            self.env[node] = self.env[src]
+            self.meta[node] = replace(sm, scale=tuple(v * c for v in s) if len(s) > 1 else s[0] * c)
+            return
+        if k == "matmul":
+            a, b = args[0], args[1]
+            ga, gb = self.meta.get(a), self.meta.get(b)
+            if not (isinstance(ga, Grid) and isinstance(gb, Grid)):
+                raise QpipeError(f"{node.name}: the integer graph needs quantized inputs to matmul")
+            self.env[node] = self.call("matmul", IntMatMul(ga, gb), self.env[a], self.env[b])
+            self.meta[node] = Acc(ga.scale * gb.scale)
+            return
+        if k == "add":
+            aq_node, aq, relu = self.aq_after(node)
+            gr = _grid(aq)
+            operands = [a for a in args[:2]]
+            if not all(isinstance(a, fx.Node) for a in operands):
+                raise QpipeError(f"{node.name}: adding a plain number is not supported in the integer graph")
+            ops = [self.as_operand(a, gr, with_zp=False) for a in operands]
+            lo = max(gr.qmin, gr.zero_point) if relu else gr.qmin
+            mod = IntAdd([o[1] for o in ops], [o[2] for o in ops], [o[3] for o in ops], gr, lo)
+            y = self.call("add", mod, ops[0][0], ops[1][0])
+            self.env[node], self.meta[node] = y, gr
+            self.mark_folded(node, aq_node, y, gr)
+            return
+        if k == "cat":
+            aq_node, aq, relu = self.aq_after(node)
+            gr = _grid(aq)
+            parts = []
+            for a in args[0]:
+                am = self.meta.get(a)
+                if isinstance(am, Const):
+                    parts.append(am.make(gr))
+                elif isinstance(am, Grid):
+                    parts.append(self.env[a] if am == gr else self.call(
+                        "requant", IntRequant(am.scale / gr.scale, (), gr, gr.qmin, am.zero_point), self.env[a]))
+                else:
+                    raise QpipeError(f"{node.name}: torch.cat of an unsupported value in the integer graph")
+            y = self.new.call_function(torch.cat, (parts,), dict(node.kwargs, **({"dim": args[1]} if len(args) > 1 else {})))
+            self.env[node], self.meta[node] = y, gr
+            self.mark_folded(node, aq_node, y, gr)
+            return
+        if k in ("softmax", "gelu", "layernorm"):
+            m = self.modules[target]
+            if not isinstance(m, _IntOpMixin):
+                raise QpipeError(f"{target}: the integer-only graph needs ops.{k}: int in the recipe")
+            if not isinstance(xm, Grid):
+                raise QpipeError(f"{target}: integer {k} needs a quantized input")
+            y = self.call(target, IntNonlinear(m, xm.zero_point), self.env[x])
+            self.env[node] = y
+            if k == "gelu":
+                self.meta[node] = Acc(xm.scale * 2.0**-OUT_BITS)
+            else:
+                aq_node, aq, _ = self.aq_after(node)
+                gr = _grid(aq)
+                self.meta[node] = gr
+                self.mark_folded(node, aq_node, y, gr)
+            return
+        if k == "pool":
+            if not isinstance(xm, Grid):
+                raise QpipeError(f"{node.name}: pooling needs a quantized input in the integer graph")
+            tin, tout = x.meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
+            if len(tout) != 4 or tuple(tout[2:]) != (1, 1):
+                raise QpipeError(f"{node.name}: only global average pooling is supported in the integer graph")
+            y = self.call("sumpool", IntSumPool(xm.zero_point), self.env[x])
+            self.env[node], self.meta[node] = y, Acc(xm.scale / (tin[2] * tin[3]))
+            return
+        if op == "call_module" and isinstance(self.modules[target], nn.MaxPool2d):
+            self.env[node] = self.call(target, IntMaxPool(self.modules[target], xm), self.env[x])
+            self.meta[node] = xm
+            return
+        if k == "pass" or k == "other":
+            if op == "call_module" and not isinstance(self.modules[target], (nn.Dropout, nn.Identity, nn.Flatten)):
+                raise QpipeError(f"{target} ({type(self.modules[target]).__name__}) has no integer form")
+            if op == "call_function" and target in (F.max_pool2d,):
+                raise QpipeError("F.max_pool2d: use nn.MaxPool2d for the integer graph")
+            if isinstance(xm, Const):
+                parent = xm
+
+                def make(grid, node=node, parent=parent):
+                    first = parent.make(grid)
+                    rest = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args[1:]]
+                    kwargs = {kk: self.env[v] if isinstance(v, fx.Node) else v for kk, v in node.kwargs.items()}
+                    return self.new.create_node(node.op, node.target, (first, *rest), kwargs)
+
+                self.meta[node] = Const(make)
+                return
+            if op == "call_function" and target in MUL_FUNCS + (operator.truediv, torch.div):
+                raise QpipeError(f"{node.name}: {target} on a tensor is not supported in the integer graph")
+            self.copy(node, xm if isinstance(xm, (Grid, Acc)) else "other")
+            return
+        raise QpipeError(f"{node.name} ({op} {target}) has no integer form")
+
+
+def to_int(gm: fx.GraphModule, input_shape) -> fx.GraphModule:
+    """The integer-only model of a frozen Q-model (see the module docstring); float images in, float logits
+    (one final dequantisation) out."""
+    model = _Rewriter(gm, input_shape).run()
+    model.graph.lint()
+    model.recompile()
+    return model.eval()
+
+
+def export_int_graph(model: fx.GraphModule, input_shape) -> bytes:
+    """TorchScript ONNX export of the integer model: ai.qpipe nodes without their functions (``qpipe export
+    --format int`` adds them, converts the opset and checks the graph)."""
+    buf = io.BytesIO()
+    dummy = torch.zeros((2, *input_shape))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), buf, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=OPSET_INT_GRAPH, dynamo=False, do_constant_folding=True,
+                          custom_opsets={QDOMAIN: 1}, autograd_inlining=False)
+    return buf.getvalue()
