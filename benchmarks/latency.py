@@ -4,7 +4,9 @@
     python benchmarks/latency.py --out /tmp/lat --quick            # smoke test: few runs
 
 Models: the demo CNN (``digits-cnn`` on ``digits``, 1x8x8, its shipped checkpoint) and ResNet18 (random weights,
-224x224, ``synthetic:3x224x224:16``), at batch 1 and 8. Every session is fully optimised
+224x224, ``synthetic:3x224x224:16``), at batch 1 and 8; the demo ViT (``digits-vit``, shipped checkpoint) and
+ViT-B/16 (random weights) at batch 1: FP32, QDQ with float ops, QDQ with the ai.qpipe integer ops and the
+integer-only graph (``model.int.onnx``, whose ai.qpipe functions onnxruntime inlines into plain integer ops). Every session is fully optimised
 (``make_session(path, optimized=True, threads=N)``: intra-op N threads, inter-op 1). After a warm-up, every
 variant of a model runs once per iteration of ONE loop (the order rotates each iteration), so load drift on the
 machine hits FP32 and the QDQ files alike; we report the median and the 90th percentile of each.
@@ -37,18 +39,25 @@ from qpipe.data import load_data
 from qpipe.runtime.session import make_session
 
 RESNET_OVERRIDES = ["calibration.images=16", "calibration.batch_size=8"]
-MODELS = [
-    # name, data spec, calibration overrides, onnxruntime quantize_static control?, loop multiplier
-    # (the CNN runs in microseconds: 10x the samples cost nothing and steady its median)
-    {"model": "digits-cnn", "data": "digits", "overrides": [], "ort_control": False, "runs_factor": 10},
-    {"model": "resnet18", "data": "synthetic:3x224x224:16", "overrides": RESNET_OVERRIDES, "ort_control": True,
-     "runs_factor": 1},
-]
 RECIPES = {"w8a8": "qpipe W8A8 QDQ", "w7a8": "qpipe W7A8 QDQ (|w| <= 64: u8 x s8 kernel)",
            "w4a8": "qpipe W4A8 QDQ"}
+VIT_RECIPES = {"w8a8": "qpipe W8A8 QDQ (float ops)", "w8a8-int": "qpipe W8A8 QDQ (ai.qpipe int ops)"}
+INT_LABEL = "qpipe W8A8 integer-only (model.int.onnx)"
+MODELS = [
+    # name, data spec, calibration overrides, onnxruntime quantize_static control?, loop multiplier
+    # (the CNN runs in microseconds: 10x the samples cost nothing and steady its median), the recipes, the
+    # recipe whose integer-only graph is timed too, batch sizes
+    {"model": "digits-cnn", "data": "digits", "overrides": [], "ort_control": False, "runs_factor": 10,
+     "recipes": RECIPES, "int": None, "batches": (1, 8)},
+    {"model": "resnet18", "data": "synthetic:3x224x224:16", "overrides": RESNET_OVERRIDES, "ort_control": True,
+     "runs_factor": 1, "recipes": RECIPES, "int": None, "batches": (1, 8)},
+    {"model": "digits-vit", "data": "digits", "overrides": [], "ort_control": False, "runs_factor": 10,
+     "recipes": VIT_RECIPES, "int": "w8a8-int", "batches": (1,)},
+    {"model": "vit_b_16", "data": "synthetic:3x224x224:16", "overrides": RESNET_OVERRIDES, "ort_control": False,
+     "runs_factor": 1, "recipes": VIT_RECIPES, "int": "w8a8-int", "batches": (1,)},
+]
 ORT_LABEL = "onnxruntime quantize_static QDQ (U8 act / S8 weight, per-channel)"
 FP32_LABEL = "FP32"
-BATCHES = (1, 8)
 PARITY_IMAGES = 16  # images for the optimised-vs-validation parity (the 16 synthetic ones for ResNet18)
 
 
@@ -88,7 +97,9 @@ def machine_info(threads: int) -> dict:
 
 def get_artifact(root: Path, model: str, data: str, recipe: str, overrides: list[str]) -> Artifact:
     out = root / f"{model}-{recipe}"
-    if (out / "model.qdq.onnx").is_file() and (out / "model.fp32.onnx").is_file():
+    if (out / "model.qdq.onnx").is_file() and (out / "model.fp32.onnx").is_file() \
+            and (out / "model.int.onnx").is_file() == bool(json.load(open(out / "qparams.json"))
+                                                         .get("int_graph", {}).get("available")):
         print(f"  reusing {out}", file=sys.stderr)
         return Artifact(out)
     t = time.perf_counter()
@@ -147,12 +158,12 @@ def time_alternated(sessions: dict[str, ort.InferenceSession], x: np.ndarray, wa
                 "min_ms": min(v), "runs": len(v), "warmup": warmup} for n, v in ms.items()}
 
 
-def parity(art: Artifact, x: np.ndarray, threads: int) -> dict:
+def parity(art: Artifact, x: np.ndarray, threads: int, fmt: str = "qdq") -> dict:
     """Fully optimised session against the validation session on the same images, in output steps."""
     q = json.load(open(art.file("qparams.json")))
     oq = q.get("output_quantizer")
     step = float(q["tensors"][oq]["scale"]) if oq else None
-    path = art.file("model.qdq.onnx")
+    path = art.file(f"model.{fmt}.onnx")
     val = make_session(path, optimized=False).run(None, {"input": x})[0]
     fast = make_session(path, optimized=True, threads=threads).run(None, {"input": x})[0]
     d = np.abs(fast.astype(np.float64) - val.astype(np.float64))
@@ -166,10 +177,13 @@ def parity(art: Artifact, x: np.ndarray, threads: int) -> dict:
 def run_model(spec: dict, root: Path, args) -> dict:
     name, data = spec["model"], spec["data"]
     print(f"[{name}] calibrating", file=sys.stderr)
-    arts = {r: get_artifact(root, name, data, r, spec["overrides"]) for r in RECIPES}
+    recipes = spec["recipes"]
+    arts = {r: get_artifact(root, name, data, r, spec["overrides"]) for r in recipes}
     fp32 = arts["w8a8"].file("model.fp32.onnx")
     files = {FP32_LABEL: fp32}
-    files.update({RECIPES[r]: arts[r].file("model.qdq.onnx") for r in RECIPES})
+    files.update({recipes[r]: arts[r].file("model.qdq.onnx") for r in recipes})
+    if spec["int"]:
+        files[INT_LABEL] = arts[spec["int"]].file("model.int.onnx")
     source = load_data(data)
     if spec["ort_control"]:
         files[ORT_LABEL] = ort_quantize(fp32, root / f"{name}-ort-qdq.onnx", source, spec["overrides"])
@@ -186,7 +200,7 @@ def run_model(spec: dict, root: Path, args) -> dict:
 
     runs = args.runs * spec["runs_factor"]
     latency = {}
-    for bs in BATCHES:
+    for bs in spec["batches"]:
         x = next(iter(source.batches("test", bs)))[0].numpy()
         print(f"[{name}] batch {bs}: {runs} alternated runs of {len(sessions)} sessions", file=sys.stderr)
         res = time_alternated(sessions, x, args.warmup, runs)
@@ -197,7 +211,9 @@ def run_model(spec: dict, root: Path, args) -> dict:
         latency[str(bs)] = res
 
     xp = next(iter(source.batches("test", PARITY_IMAGES)))[0].numpy()
-    par = {RECIPES[r]: parity(arts[r], xp, args.threads) for r in RECIPES}
+    par = {recipes[r]: parity(arts[r], xp, args.threads) for r in recipes}
+    if spec["int"]:
+        par[INT_LABEL] = parity(arts[spec["int"]], xp, args.threads, "int")
     return {"model": name, "data": data, "input_shape": list(source.input_shape), "variants": variants,
             "latency": latency, "parity_optimized_vs_validation": par}
 
@@ -257,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=30, help="timed runs per variant (at least 20 unless --quick)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 runs, 1 warm-up")
+    ap.add_argument("--models", nargs="+", default=None, help="only these models (default: all)")
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.warmup = 3, 1
@@ -269,10 +286,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qpipe-latency-") as tmp:
         root = Path(args.artifacts) if args.artifacts else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        models = [run_model(spec, root, args) for spec in MODELS]
+        specs = [m for m in MODELS if not args.models or m["model"] in args.models]
+        models = [run_model(spec, root, args) for spec in specs]
     info["loadavg_end"] = list(os.getloadavg())
     result = {"machine": info, "runs": args.runs, "warmup": args.warmup, "quick": args.quick,
-              "batches": list(BATCHES), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": models}
+              "batches": {m["model"]: list(m["batches"]) for m in MODELS}, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": models}
     (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     (out / "latency.md").write_text(md)

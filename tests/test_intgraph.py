@@ -162,3 +162,24 @@ def test_bad_int_recipes_are_one_line_errors(tmp_path, capsys, extra, needle):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_vit_b_16_exports_both_formats_and_runs_in_onnxruntime(tmp_path):
+    """Random-weight ViT-B/16 (86M parameters): QDQ and integer-only graphs pass onnx.checker and run (~70 s)."""
+    art = qpipe.calibrate("vit_b_16", "synthetic:3x224x224:8", "w8a8-int", out=tmp_path / "vitb", progress=False,
+                          overrides=["calibration.images=4", "calibration.batch_size=2"])
+    paths = qpipe.export(art, format="all")
+    assert {p.name for p in paths} == {"model.qdq.onnx", "model.fp32.onnx", "model.int.onnx"}
+    x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    for p in paths:
+        onnx.checker.check_model(str(p), full_check=True)
+        assert make_session(p, optimized=True).run(None, {"input": x})[0].shape == (1, 1000)
+    ok, detail = integer_only(onnx.load(str(art.file("model.int.onnx"))))
+    assert ok, detail
+    ops = _ops(art.file("model.int.onnx"))
+    assert ops[("ai.qpipe", "IntSoftmax")] == 12 and ops[("ai.qpipe", "IntLayerNorm")] == 25
+    sim = load_int_model(art)
+    with torch.no_grad():
+        ref = sim(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(make_session(art.file("model.int.onnx")).run(None, {"input": x})[0], ref)

@@ -195,3 +195,15 @@ def test_clamp_of_large_int64_values():
     expected = [[32767, 7, -32768, 32767]]
     for got in run_onnx("Requant", x, 1599631914, 30, 0, -(2**15), 2**15 - 1):
         assert got.tolist() == expected
+
+
+def test_floor_shift_and_floor_div_helpers_are_floor_over_the_int64_range():
+    a = np.concatenate([RNG.integers(-(2**63), 2**63 - 1, 2000, dtype=np.int64),
+                        np.array([-(2**63), 2**63 - 1, -1, 0, 1, -(2**62), 2**62], dtype=np.int64)])
+    for k in (1, 4, 23, 31, 62):
+        for got in run_onnx("FloorShift", a, k):
+            np.testing.assert_array_equal(got, np.floor_divide(a, np.int64(2) ** k))
+    small = RNG.integers(-(2**40), 2**40, 2000, dtype=np.int64)
+    for b in (-7, -1, 3, 16, 2**31 - 1):
+        for got in run_onnx("FloorDiv", small, b):
+            np.testing.assert_array_equal(got, np.floor_divide(small, b))

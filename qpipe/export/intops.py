@@ -4,8 +4,8 @@ Each function is built only from standard integer ops, so a model that carries t
 onnxruntime build and provider with no extra library (onnxruntime inlines functions). Every tensor is int64.
 
 Signed arithmetic: ONNX ``BitShift`` is unsigned-only and integer ``Div`` truncates toward zero, so floor
-division is ``(a - Mod(a, b)) / b`` with ``fmod=0`` (Python's sign convention: exact, also for negatives), and
-``2^j`` for ``j >= 0`` is an unsigned shift of 1. The NumPy twins are in ``qpipe.reference.intops``.
+division is the truncating Div corrected by the remainder's sign (``FloorDiv``), floor division by 2^k flips the
+sign bit and shifts as uint64 (``FloorShift``, no division at all), and ``2^j`` is an unsigned shift of 1. The NumPy twins are in ``qpipe.reference.intops``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,33 @@ qp = Opset(DOMAIN, VERSION)
 
 
 @script(qp, default_opset=op)
+def Pow2(j: INT64) -> INT64:
+    """2^j for 0 <= j <= 62, as an unsigned shift of 1."""
+    one = op.Cast(op.Constant(value_int=1), to=onnx.TensorProto.UINT64)
+    return op.Cast(op.BitShift(one, op.Cast(j, to=onnx.TensorProto.UINT64), direction="LEFT"),
+                   to=onnx.TensorProto.INT64)
+
+
+@script(qp, default_opset=op)
 def FloorDiv(a: INT64, b: INT64) -> INT64:
-    """floor(a / b) for int64 (b != 0), exact for negative a or b."""
-    return op.Div(op.Sub(a, op.Mod(a, b, fmod=0)), b)
+    """floor(a / b) for int64 (b != 0), exact for negative a or b: the truncating Div, minus one where the
+    remainder is non-zero and its sign differs from b's (one division; ``(a - Mod(a, b)) / b`` needs two, and
+    onnxruntime's int64 Mod is slower than its Div)."""
+    q = op.Div(a, b)
+    r = op.Sub(a, op.Mul(q, b))
+    zero = op.Constant(value_int=0)
+    fix = op.And(op.Xor(op.Less(r, zero), op.Less(b, zero)), op.Not(op.Equal(r, zero)))
+    return op.Sub(q, op.Cast(fix, to=onnx.TensorProto.INT64))
+
+
+@script(qp, default_opset=op)
+def FloorShift(a: INT64, k: INT64) -> INT64:
+    """floor(a / 2^k) for any int64 a and 1 <= k <= 62 without a division: flipping the sign bit of a as uint64
+    gives a + 2^63 (order kept), an unsigned right shift floors, and 2^(63 - k) undoes the offset."""
+    sign = op.Cast(op.Constant(value_int=-(2**63)), to=onnx.TensorProto.UINT64)   # 2^63
+    u = op.BitwiseXor(op.Cast(a, to=onnx.TensorProto.UINT64), sign)
+    shifted = op.BitShift(u, op.Cast(k, to=onnx.TensorProto.UINT64), direction="RIGHT")
+    return op.Sub(op.Cast(shifted, to=onnx.TensorProto.INT64), Pow2(op.Sub(op.Constant(value_int=63), k)))
 
 
 @script(qp, default_opset=op)
@@ -52,18 +76,10 @@ def Clamp(x: INT64, lo: INT64, hi: INT64) -> INT64:
 
 
 @script(qp, default_opset=op)
-def Pow2(j: INT64) -> INT64:
-    """2^j for 0 <= j <= 62, as an unsigned shift of 1."""
-    one = op.Cast(op.Constant(value_int=1), to=onnx.TensorProto.UINT64)
-    return op.Cast(op.BitShift(one, op.Cast(j, to=onnx.TensorProto.UINT64), direction="LEFT"),
-                   to=onnx.TensorProto.INT64)
-
-
-@script(qp, default_opset=op)
 def Requant(x: INT64, m: INT64, k: INT64, zero_point: INT64, qmin: INT64, qmax: INT64) -> INT64:
     """clamp(floor((x * m + 2^(k-1)) / 2^k) + z, qmin, qmax): dyadic requantisation, round half up."""
     half = Pow2(op.Sub(k, op.Constant(value_int=1)))
-    y = FloorDiv(op.Add(op.Mul(x, m), half), Pow2(k))
+    y = FloorShift(op.Add(op.Mul(x, m), half), k)
     return Clamp(op.Add(y, zero_point), qmin, qmax)
 
 
@@ -82,11 +98,12 @@ def IntAdd(a: INT64, za: INT64, ma: INT64, ka: INT64, b: INT64, zb: INT64, mb: I
 @script(qp, default_opset=op)
 def ShiftExp(x: INT64, x0: INT64, n: INT64) -> INT64:
     """2^n * exp(x s) for x <= 0 (x0 = floor(-1/s)); output scale s / 2^n."""
-    x = op.Sub(op.Add(x, FloorDiv(x, op.Constant(value_int=2))), FloorDiv(x, op.Constant(value_int=16)))
+    one = op.Constant(value_int=1)
+    x = op.Sub(op.Add(x, FloorShift(x, one)), FloorShift(x, op.Constant(value_int=4)))
     x = IMax(x, op.Mul(n, x0))
-    q = FloorDiv(x, x0)
+    q = op.Div(x, x0)        # x <= 0 and x0 < 0: a non-negative quotient, where truncation is the floor
     r = op.Sub(x, op.Mul(x0, q))
-    e = op.Sub(FloorDiv(r, op.Constant(value_int=2)), x0)
+    e = op.Sub(FloorShift(r, one), x0)
     return op.Mul(e, Pow2(op.Sub(n, q)))
 
 
@@ -97,8 +114,8 @@ def IntSoftmax(x: INT64, x0: INT64) -> INT64:
     e = ShiftExp(op.Sub(x, op.ReduceMax(x, axes, keepdims=1)), x0, op.Constant(value_int=SOFTMAX_N))
     imax = op.Constant(value_int=INT32_MAX)
     s = IMin(op.ReduceSum(e, axes, keepdims=1), imax)
-    factor = FloorDiv(imax, s)
-    out = FloorDiv(op.Mul(e, factor), op.Constant(value_int=2 ** (31 - OUT_BITS)))
+    factor = op.Div(imax, s)  # both positive: Div is the floor
+    out = op.Div(op.Mul(e, factor), op.Constant(value_int=2 ** (31 - OUT_BITS)))  # non-negative
     return IMin(out, op.Constant(value_int=2**OUT_BITS - 1))
 
 
@@ -110,15 +127,17 @@ def IntGELU(x: INT64, x0: INT64) -> INT64:
     e1 = ShiftExp(op.Sub(x, m), x0, n)
     e2 = ShiftExp(op.Neg(m), x0, n)
     imax = op.Constant(value_int=INT32_MAX)
-    factor = FloorDiv(imax, IMin(op.Add(e1, e2), imax))
-    sig = FloorDiv(op.Mul(e1, factor), op.Constant(value_int=2 ** (31 - OUT_BITS)))
+    factor = op.Div(imax, IMin(op.Add(e1, e2), imax))  # both positive: Div is the floor
+    sig = op.Div(op.Mul(e1, factor), op.Constant(value_int=2 ** (31 - OUT_BITS)))  # non-negative
     return op.Mul(x, sig)
 
 
 @script(qp, default_opset=op)
 def NewtonStep(k: INT64, v: INT64) -> INT64:
-    """One integer Newton step towards sqrt(v): floor((k + floor(v / k)) / 2)."""
-    return FloorDiv(op.Add(k, FloorDiv(v, k)), op.Constant(value_int=2))
+    """One integer Newton step towards sqrt(v): floor((k + floor(v / k)) / 2); v >= 1 and k >= 1, so the
+    truncating Div is the floor."""
+    two = op.Constant(value_int=2)
+    return op.Div(op.Add(k, op.Div(v, k)), two)
 
 
 @script(qp, default_opset=op)
@@ -150,18 +169,19 @@ def IntLayerNorm(x: INT64, m: INT64, k: INT64, b: INT64, zero_point: INT64, qmin
     per-channel multiplier m / 2^k and bias b."""
     axes = op.Constant(value_ints=[-1])
     d = op.Gather(op.Shape(x), op.Constant(value_int=-1))
-    mu = FloorDiv(op.Add(op.ReduceSum(x, axes, keepdims=1), FloorDiv(d, op.Constant(value_int=2))), d)
+    mu = FloorDiv(op.Add(op.ReduceSum(x, axes, keepdims=1), op.Div(d, op.Constant(value_int=2))), d)
     y = op.Sub(x, mu)
     var = op.ReduceSum(op.Mul(y, y), axes, keepdims=1)
-    factor = FloorDiv(op.Constant(value_int=INT32_MAX), ISqrt(var))
-    yn = FloorDiv(op.Mul(y, factor), op.Constant(value_int=2))
-    half = Pow2(op.Sub(k, op.Constant(value_int=1)))
-    out = FloorDiv(op.Add(op.Add(op.Mul(yn, m), b), half), Pow2(k))
+    factor = op.Div(op.Constant(value_int=INT32_MAX), ISqrt(var))  # both positive
+    one = op.Constant(value_int=1)
+    yn = FloorShift(op.Mul(y, factor), one)
+    half = Pow2(op.Sub(k, one))
+    out = FloorShift(op.Add(op.Add(op.Mul(yn, m), b), half), k)
     return Clamp(op.Add(out, zero_point), qmin, qmax)
 
 
 # op name -> function; helpers come first so that every function's callees are defined before it
-FUNCTIONS = {f.name: f for f in (FloorDiv, IMin, IMax, Clamp, Pow2, Requant, IntAdd, ShiftExp, IntSoftmax, IntGELU,
+FUNCTIONS = {f.name: f for f in (Pow2, FloorDiv, FloorShift, IMin, IMax, Clamp, Requant, IntAdd, ShiftExp, IntSoftmax, IntGELU,
                                  NewtonStep, Newton10, ISqrt, IntLayerNorm)}
 PUBLIC_OPS = ("Requant", "IntAdd", "IntSoftmax", "IntGELU", "IntLayerNorm")
 
