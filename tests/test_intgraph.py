@@ -183,3 +183,17 @@ def test_vit_b_16_exports_both_formats_and_runs_in_onnxruntime(tmp_path):
     with torch.no_grad():
         ref = sim(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(make_session(art.file("model.int.onnx")).run(None, {"input": x})[0], ref)
+
+
+def test_brecq_lsq_keeps_the_int_softmax_grid_and_the_int_graph(tmp_path):
+    """LSQ learns activation steps, but not IntSoftmax's output grid (2^-8, part of the op); the integer graph of
+    the reconstructed model is still exact."""
+    art = qpipe.calibrate("digits-vit", "digits", "w4a8-int", out=tmp_path / "brecq", progress=False,
+                          overrides=["weights.rounding=adaround", "adaround.granularity=block", "adaround.lsq=true",
+                                     "adaround.iters=5", "calibration.images=32"])
+    t = art.qparams["tensors"]
+    soft = [k for k in t if k.endswith("softmax")]
+    assert len(soft) == 4 and all(t[k]["scale"] == 2.0**-8 for k in soft)
+    qpipe.export(art, format="int")
+    m = qpipe.evaluate(art.path, format="int", latency=False, progress=False, limit=128)
+    assert m["parity"]["max_abs_diff"] == 0.0 and m["parity_optimized"]["max_abs_diff"] == 0.0

@@ -275,6 +275,8 @@ def attach(gm: fx.GraphModule, unit: Unit, device, lsq: bool = False):
     steps = []
     for name in unit.act if lsq else []:
         aq = gm.get_submodule(name)
+        if aq.fixed:  # IntSoftmax's output grid (2^-8) is part of the op, not a step to learn
+            continue
         aq.__dict__["lsq_scale"] = torch.nn.Parameter(aq.scale.detach().clone().float())
         steps.append(aq.lsq_scale)
     for node in unit.nodes:

@@ -661,6 +661,9 @@ class _Rewriter:
             else:
                 aq_node, aq, _ = self.aq_after(node)
                 gr = _grid(aq)
+                if k == "softmax" and (gr.scale, gr.zero_point) != (2.0**-OUT_BITS, 0):
+                    raise QpipeError(f"{target}: IntSoftmax writes at scale 2^-{OUT_BITS}, but the quantizer after "
+                                     f"it has scale {gr.scale}")
                 self.meta[node] = gr
                 self.mark_folded(node, aq_node, y, gr)
             return

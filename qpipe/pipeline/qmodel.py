@@ -125,6 +125,7 @@ class ActQuant(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.observer: ActivationObserver | None = None
         self.qname = ""
+        self.fixed = False  # scale set by the op before it (IntSoftmax: 2^-8), never calibrated or learned
 
     def forward(self, x):
         m = _STATE["mode"]
@@ -186,8 +187,16 @@ class _IntOpMixin:
             return float_forward(x)
         if m == "mark":
             return MarkOp.apply(x, self.qname)
+        y = self._int_values(x)
+        if torch.is_grad_enabled() and x.requires_grad:  # reconstruction: the float op's gradient (straight through)
+            f = float_forward(x)
+            return f + (y - f).detach()
+        return y
+
+    def _int_values(self, x: torch.Tensor) -> torch.Tensor:
         src = self.__dict__["_in"]
-        q = torch.round(x / src.scale).to(torch.int64) - src.zero_point.to(torch.int64)
+        with torch.no_grad():
+            q = torch.round(x / src.scale).to(torch.int64) - src.zero_point.to(torch.int64)
         if self.kind == "softmax":
             return intops.softmax(q, int(self.x0)).float() * 2.0**-OUT_BITS
         if self.kind == "gelu":
@@ -370,11 +379,12 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
 
         specs: dict[str, int] = {}   # quantizer -> bits
 
-        def insert(after: fx.Node, source: str | None, is_nonneg: bool, bits: int) -> None:
+        def insert(after: fx.Node, source: str | None, is_nonneg: bool, bits: int, fixed: bool = False) -> None:
             name = f"aq_{after.name}"
             spec = QuantSpec(bits, signed=not (is_nonneg or not a.symmetric), symmetric=a.symmetric)
             specs[source or name] = bits
             aq = ActQuant(spec, source)
+            aq.fixed = fixed
             aq.qname = source or name
             gm.add_submodule(name, aq)
             modules[name] = aq
@@ -407,9 +417,10 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                 bits = a.bits
                 if k == "add" and a.residual_bits is not None and not _read_by_layer(tail, modules):
                     bits = a.residual_bits
-                if k == "softmax" and recipe.ops.softmax == "int":
+                fixed = k == "softmax" and recipe.ops.softmax == "int"
+                if fixed:
                     bits = OUT_BITS  # IntSoftmax writes 8-bit probabilities at the fixed scale 2^-8
-                insert(tail, None, nn_flag, bits)
+                insert(tail, None, nn_flag, bits, fixed)
             elif k == "pass" and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]
                 insert(node, owner[src], nonneg.get(src, False), specs[owner[src]])
