@@ -11,14 +11,9 @@ from torch import nn
 from qpipe.errors import QpipeError
 from qpipe.models import REGISTRY, ROOT, build_model, load_model, n_params
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 # ---------------------------------------------------------------------------------------------- model zoo

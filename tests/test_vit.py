@@ -15,13 +15,9 @@ from qpipe.models.resnet import resnet18
 from qpipe.models.vit import digits_vit, vit_b_16
 from qpipe.pipeline.train import accuracy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")

@@ -303,24 +303,16 @@ class IntAdd(nn.Module):
         return _AddFn.apply(a, self.za, self.m0, self.k0, b, self.zb, self.m1, self.k1, self.zp, self.lo, self.hi)
 
 
-class _SoftmaxFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, zin: int, x0: int):
-        return intops.softmax(x - zin, x0)
+class _ShiftOpFn(torch.autograd.Function):
+    """IntSoftmax or IntGELU of (x - z_in) with ShiftExp's x0."""
 
     @staticmethod
-    def symbolic(g, x, zin, x0):
-        return _q(g, "IntSoftmax", g.op("Sub", x, _c(g, zin)), _c(g, x0))
-
-
-class _GeluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, zin: int, x0: int):
-        return intops.gelu(x - zin, x0)
+    def forward(ctx, x, zin: int, x0: int, op: str):
+        return (intops.softmax if op == "IntSoftmax" else intops.gelu)(x - zin, x0)
 
     @staticmethod
-    def symbolic(g, x, zin, x0):
-        return _q(g, "IntGELU", g.op("Sub", x, _c(g, zin)), _c(g, x0))
+    def symbolic(g, x, zin, x0, op):
+        return _q(g, op, g.op("Sub", x, _c(g, zin)), _c(g, x0))
 
 
 class _LayerNormFn(torch.autograd.Function):
@@ -352,10 +344,8 @@ class IntNonlinear(nn.Module):
             self.x0 = int(op.x0)
 
     def forward(self, x):
-        if self.kind == "softmax":
-            return _SoftmaxFn.apply(x, self.zin, self.x0)
-        if self.kind == "gelu":
-            return _GeluFn.apply(x, self.zin, self.x0)
+        if self.kind in ("softmax", "gelu"):
+            return _ShiftOpFn.apply(x, self.zin, self.x0, "IntSoftmax" if self.kind == "softmax" else "IntGELU")
         return _LayerNormFn.apply(x, self.zin, self.ln_m, self.k, self.ln_b, self.zp, self.qmin, self.qmax)
 
 

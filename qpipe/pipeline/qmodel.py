@@ -27,19 +27,21 @@ from .quant import QuantSpec, dequantize, fake_quantize, fake_quantize_ste, lsq_
 MARK_DOMAIN = "qpipe.mark"
 
 
-class Mark(torch.autograd.Function):
-    """Identity that the TorchScript ONNX exporter writes as a ``qpipe.mark::Mark(name=...)`` node, so the
-    QDQ exporter can find each quantized tensor in the float graph by name."""
+def _marker(op_type: str, doc: str) -> type[torch.autograd.Function]:
+    """An identity that the TorchScript ONNX exporter writes as a ``qpipe.mark::<op_type>(name=...)`` node."""
 
-    @staticmethod
-    def forward(ctx, x, name):
-        return x
-
-    @staticmethod
     def symbolic(g, x, name):
-        out = g.op(f"{MARK_DOMAIN}::Mark", x, name_s=name)
+        out = g.op(f"{MARK_DOMAIN}::{op_type}", x, name_s=name)
         out.setType(x.type())
         return out
+
+    return type(op_type, (torch.autograd.Function,), {
+        "__doc__": doc, "forward": staticmethod(lambda ctx, x, name: x), "symbolic": staticmethod(symbolic)})
+
+
+Mark = _marker("Mark", "Marks a quantized tensor in the float graph, so the QDQ exporter finds it by name.")
+MarkOp = _marker("IntOp", "Marks where an integer op replaces a float one: the QDQ exporter puts Q -> ai.qpipe op "
+                          "-> scale in its place with the constants of qparams.json['intops'].")
 
 
 _STATE = {"mode": "quant"}   # float | observe | quant | mark
@@ -142,21 +144,6 @@ class ActQuant(nn.Module):
         if self.__dict__.get("ste"):     # inside a reconstruction unit: let gradients through
             return fake_quantize_ste(x, self.scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
-
-
-class MarkOp(torch.autograd.Function):
-    """Identity written as ``qpipe.mark::IntOp(name=...)``: where an integer op replaces a float one, the QDQ
-    exporter puts Q -> ai.qpipe op -> scale in its place with the constants of ``qparams.json["intops"]``."""
-
-    @staticmethod
-    def forward(ctx, x, name):
-        return x
-
-    @staticmethod
-    def symbolic(g, x, name):
-        out = g.op(f"{MARK_DOMAIN}::IntOp", x, name_s=name)
-        out.setType(x.type())
-        return out
 
 
 class _IntOpMixin:
