@@ -146,7 +146,8 @@ def check(artifact, expect):
 def run(recipes, model, data, weights, out_root, overrides, expect_dir):
     """Calibrate, export, evaluate (torch and ort) and check each recipe; print one comparison table.
 
-    With no RECIPES: the bundled default, the demo CNN on digits as FP32, W8A8 and W4A8.
+    With no RECIPES: the bundled default, the demo CNN on digits as FP32, W8A8 and W4A8. Where the artifact
+    has an integer-only graph (quantized weights and activations) it is exported and evaluated as well.
     """
     from qpipe.artifact import Artifact
     from qpipe.export import export as run_export
@@ -169,6 +170,10 @@ def run(recipes, model, data, weights, out_root, overrides, expect_dir):
         mt = run_evaluate(art.path, backend="torch", command=_command())
         mo = run_evaluate(art.path, backend="ort", command=_command())
         rows += [{**mt, "name": name}, {**mo, "name": name}]
+        if art.qparams.get("int_graph", {}).get("available"):  # the integer-only graph too, where there is one
+            run_export(art, "int", command=_command())
+            mi = run_evaluate(art.path, backend="ort", format="int", command=_command())
+            rows.append({**mi, "name": name})
         expect = Path(expect_dir) / f"{name}.json"
         results = run_check(art, expect if expect.is_file() else None)
         bad = [r for r in results if not r.ok]
