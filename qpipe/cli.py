@@ -186,6 +186,23 @@ def run(recipes, model, data, weights, out_root, overrides, expect_dir):
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("grid", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Results folder (default: artifacts/sweeps/<grid name>); rerunning continues where it stopped.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Cells run at once, one process each.")
+@click.option("--model", default=None, help="Override the grid's model.")
+@click.option("--data", default=None, help="Override the grid's data spec.")
+def sweep(grid, out, jobs, model, data):
+    """Run a grid of recipes (calibrate -> export -> evaluate in onnxruntime) and write results.{csv,md,json}."""
+    from qpipe.sweep import sweep as run
+
+    out = out or str(Path("artifacts/sweeps") / Path(grid).stem)
+    res = run(grid, out, jobs=jobs, model=model, data=data)
+    click.echo(Path(out, "results.md").read_text())
+    click.echo(f"{len(res['cells'])} cells ({res['reused']} reused, {res['failed']} failed); results in {out}")
+
+
 def main(argv=None) -> None:
     """Entry point: user errors print one line on stderr and exit 2 (QPIPE_DEBUG=1 shows tracebacks)."""
     debug = os.environ.get("QPIPE_DEBUG") == "1"

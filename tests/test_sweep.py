@@ -1,0 +1,102 @@
+"""qpipe sweep: every cell runs, results in three files, a killed sweep continues without recomputing, and a
+failing cell is recorded with its error while the others run."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qpipe.cli import main
+from qpipe.sweep import load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GRID = """
+model: digits-cnn
+data: digits
+base: w4a32
+set: [calibration.images=64]
+axes:
+  quantizer:
+    - {label: abs-max, weights.observer: absmax}
+    - {label: Lp p=2.4, weights.observer: lp_norm, weights.p: 2.4}
+  weights.bits: [8, 4, BITS]
+rows: [quantizer]
+cols: [weights.bits]
+"""
+
+
+def write_grid(tmp_path, bits="3"):
+    p = tmp_path / "grid.yaml"
+    p.write_text(GRID.replace("BITS", bits))
+    return p
+
+
+def test_grid_expands_axes_and_cells(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("base: w8a8\naxes: {weights.bits: [8, 4], fold_bn: [true, false]}\n"
+                 "cells: [{weights.rounding: stochastic, seed: [0, 1, 2]}]\nrows: [weights.bits]\n")
+    g = load_grid(p)
+    assert len(g.cells) == 4 + 3
+    assert g.cells[-1]["set"] == {"weights.rounding": "stochastic", "seed": 2}
+
+
+def test_sweep_writes_results_and_a_failed_cell_does_not_stop_the_others(tmp_path, capsys):
+    grid = write_grid(tmp_path, bits="9")  # bits 9 is out of range: those cells fail, with the error
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(grid), "--out", str(out), "--jobs", "2"])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "6 cells (0 reused, 2 failed)" in printed
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 6
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["weights.bits"] for r in failed} == {"9"} and all("outside 2..8" in r["error"] for r in failed)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(float(r["top1"]) > 0.9 for r in ok)
+    md = (out / "results.md").read_text()
+    assert "| abs-max |" in md and "failed" in md
+    res = json.loads((out / "results.json").read_text())
+    assert res["failed"] == 2 and res["table"]["header"][1:] == ["8", "4", "9"]
+    assert (out / "accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_killed_sweep_continues_without_recomputing(tmp_path):
+    grid = write_grid(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "qpipe", "sweep", str(grid), "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("cells/*/result.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    assert 2 <= len(finished) < 6, "the sweep was not interrupted midway"
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"6 cells ({len(finished)} reused, 0 failed)" in r.stdout
+    for cid, mtime in finished.items():  # untouched: not recomputed
+        assert (out / "cells" / cid / "result.json").stat().st_mtime_ns == mtime
+    res = json.loads((out / "results.json").read_text())
+    assert sum(1 for c in res["cells"] if c.get("reused")) == len(finished)
+
+
+def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
+    for text, needle in [("axes: {weights.bits: 8}\n", "must be a non-empty list"),
+                         ("colour: red\naxes: {weights.bits: [8]}\n", "unknown key 'colour'"),
+                         ("axes: {weights.bits: [8]}\nrows: [seed]\n", "table key 'seed'")]:
+        p = tmp_path / "bad.yaml"
+        p.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", str(p), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
