@@ -187,6 +187,22 @@ def run(recipes, model, data, weights, out_root, overrides, expect_dir):
 
 
 @cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--data", default=None, help="Data spec (default: the artifact's; its calibration split is used).")
+@click.option("--images", type=int, default=256, show_default=True)
+def diagnose(artifact, data, images):
+    """Per-layer SQNR (weights, the layer quantized alone, cumulative drift): diagnosis.json + diagnosis.png."""
+    from qpipe.pipeline.diagnose import diagnose as run
+    from qpipe.pipeline.diagnose import format_worst
+
+    if images < 1:
+        raise click.BadParameter(f"--images must be at least 1, got {images}")
+    res = run(artifact, data, images=images)
+    click.echo(format_worst(res))
+    click.echo(f"wrote {Path(artifact) / 'diagnosis.json'} and {Path(artifact) / 'diagnosis.png'}")
+
+
+@cli.command()
 @click.argument("grid", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Results folder (default: artifacts/sweeps/<grid name>); rerunning continues where it stopped.")

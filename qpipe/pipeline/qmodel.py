@@ -44,7 +44,22 @@ MarkOp = _marker("IntOp", "Marks where an integer op replaces a float one: the Q
                           "-> scale in its place with the constants of qparams.json['intops'].")
 
 
-_STATE = {"mode": "quant"}   # float | observe | quant | mark
+_STATE = {"mode": "quant", "only": None}   # mode: float | observe | quant | mark; only: see only_quantize
+
+
+@contextlib.contextmanager
+def only_quantize(names):
+    """Quantize only the named layers (weights) and quantizers; everything else runs float (diagnosis)."""
+    prev = _STATE["only"]
+    _STATE["only"] = frozenset(names)
+    try:
+        yield
+    finally:
+        _STATE["only"] = prev
+
+
+def _active(qname: str) -> bool:
+    return _STATE["only"] is None or qname in _STATE["only"]
 
 
 @contextlib.contextmanager
@@ -70,7 +85,7 @@ class _QWeightMixin:
 
     def qweight(self) -> torch.Tensor:
         # mark mode writes the float graph: float weights, marked where integers replace them on export
-        if self.weight_int is None or _STATE["mode"] in ("float", "observe"):
+        if self.weight_int is None or _STATE["mode"] in ("float", "observe") or not _active(self.qname):
             return self.weight
         if _STATE["mode"] == "mark":
             return Mark.apply(self.weight, f"{self.qname}.weight")
@@ -80,7 +95,7 @@ class _QWeightMixin:
         return dequantize(self.weight_int, self.weight_scale, self.weight_zero_point, 0)
 
     def qbias(self) -> torch.Tensor | None:
-        if self.bias_int is None or _STATE["mode"] in ("float", "observe"):
+        if self.bias_int is None or _STATE["mode"] in ("float", "observe") or not _active(self.qname):
             return self.bias
         if _STATE["mode"] == "mark":
             return Mark.apply(self.bias, f"{self.qname}.bias")
@@ -135,7 +150,7 @@ class ActQuant(nn.Module):
             if self.observer is not None and self.source is None:
                 self.observer.observe(x)
             return x
-        if m == "float" or not self.scale > 0:
+        if m == "float" or not self.scale > 0 or not _active(self.qname):
             return x
         if m == "mark":
             return Mark.apply(x, self.source or self.qname)
@@ -170,7 +185,7 @@ class _IntOpMixin:
     def int_forward(self, x: torch.Tensor, float_forward) -> torch.Tensor:
         m = _STATE["mode"]
         frozen = self.x0 is not None or self.ln_m is not None
-        if m in ("float", "observe") or not frozen:
+        if m in ("float", "observe") or not frozen or not _active(self.qname):
             return float_forward(x)
         if m == "mark":
             return MarkOp.apply(x, self.qname)

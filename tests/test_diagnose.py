@@ -1,0 +1,39 @@
+"""qpipe diagnose: per-layer SQNR in diagnosis.json and a PNG; a deliberately bad layer is reported worst."""
+
+import json
+
+import pytest
+
+import qpipe
+from qpipe.cli import main
+from qpipe.pipeline.diagnose import diagnose
+
+
+@pytest.mark.parametrize("bad", [None, "first"], ids=["w4a8", "w4a8-first-layer-2-bit"])
+def test_diagnose_writes_json_and_png_and_finds_the_bad_layer(tmp_path, capsys, bad):
+    overrides = ["calibration.images=128"] + (["weights.first_bits=2"] if bad else [])
+    art = qpipe.calibrate("digits-cnn", "digits", "w4a8", out=tmp_path / "a", progress=False, overrides=overrides)
+    with pytest.raises(SystemExit) as e:
+        main(["diagnose", str(art.path), "--images", "128"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    res = json.loads(art.file("diagnosis.json").read_text())
+    assert art.file("diagnosis.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(res["layers"]) == 10 and len(res["worst"]) == 5
+    for r in res["layers"]:
+        assert r["alone_sqnr_db"] > 0 and r["cumulative_sqnr_db"] > 0
+    # quantizing everything costs more than quantizing any one layer
+    assert res["model_sqnr_db"] < min(r["alone_sqnr_db"] for r in res["layers"])
+    if bad:
+        assert res["worst"][0]["layer"] == "conv1" and "first_bits=8" in res["worst"][0]["suggestion"]
+        assert "conv1" in out.splitlines()[1]
+        assert any(r["layer"] == "conv1" and r["weight_bits"] == 2 for r in res["layers"])
+    # hashes recorded: qpipe check still passes its manifest gate
+    assert all(r.ok for r in qpipe.check(art) if r.name == "manifest hashes")
+
+
+def test_every_8_bit_layer_alone_is_harmless(tmp_path):
+    art = qpipe.calibrate("digits-cnn", "digits", "w8a8", out=tmp_path / "b", progress=False,
+                          overrides=["calibration.images=64"])
+    res = diagnose(art, images=64, write=False)
+    assert all(r["alone_sqnr_db"] > 25 for r in res["layers"])  # 8-bit: every layer alone is harmless
