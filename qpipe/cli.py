@@ -63,6 +63,10 @@ def calibrate(model, data, recipe, out, weights, overrides, seed, device):
 
     art = run(model, data, recipe, out, weights=weights, overrides=overrides, seed=seed, device=device,
               command=_command())
+    from qpipe import dist
+
+    if dist.rank() != 0:
+        return
     q = art.qparams
     n_w = sum(1 for t in q["tensors"].values() if t["kind"] == "weight")
     n_a = sum(1 for t in q["tensors"].values() if t["kind"] == "activation")
@@ -117,7 +121,10 @@ def evaluate(target, backend, data, device, batch_size, latency, limit, threads,
     from qpipe.runtime.evaluate import format_table
 
     m = run(target, data, backend, device, batch_size, latency, limit, threads, command=_command(), format=fmt)
-    click.echo(format_table([{**m, "name": Path(target).name}]))
+    from qpipe import dist
+
+    if dist.rank() == 0:
+        click.echo(format_table([{**m, "name": Path(target).name}]))
 
 
 @cli.command()

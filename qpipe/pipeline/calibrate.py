@@ -109,6 +109,9 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     if device == "cuda" and not torch.cuda.is_available():
         raise QpipeError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
     source = as_source(data)
+    from qpipe import dist
+
+    rank, _ = dist.init(device)
     torch.manual_seed(recipe.seed)
     p = prepare(model, recipe)
     dev = torch.device(device)
@@ -123,6 +126,9 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
 
     weight_info = quantize_weights(p, recipe)
     n = calibrate_activations(p, recipe, batches()) if p.act else 0
+    if rank != 0:  # under torchrun the scales are now those of a single process; rank 0 finishes and writes
+        dist.barrier()
+        return Artifact(out)
     report = None
     workdir = Path(str(out) + ".partial")  # AdaRound's finished units, kept until the artifact is whole
     if recipe.weights.rounding == "adaround":
@@ -196,6 +202,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
+    dist.barrier()
     return Artifact(out)
 
 

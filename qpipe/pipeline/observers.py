@@ -156,45 +156,63 @@ SAMPLES_PER_BATCH = 1 << 16
 
 
 class ActivationObserver:
-    """Collects statistics of one activation tensor (per tensor) and concludes to (scale, zero_point)."""
+    """Collects statistics of one activation tensor (per tensor) and concludes to (scale, zero_point).
+
+    ``observe(x, index)`` keeps one small record per calibration batch (its min, max and, for the search-based
+    observers, a subsample seeded by the batch index); ``qparams()`` replays the records in batch order. So ranks
+    of a data-parallel run can each observe their batches, exchange the records (``merge``), and conclude to the
+    scale a single process would have found."""
 
     def __init__(self, method: str, spec: QuantSpec, momentum: float = 0.95, pct: float = 99.99,
                  p: float = 2.4, seed: int = 0):
         if method not in ACTIVATION_OBSERVERS:
             raise ValueError(f"unknown activation observer {method!r}; use one of {ACTIVATION_OBSERVERS}")
         self.method, self.spec, self.momentum, self.pct, self.p = method, spec, momentum, pct, p
-        self.lo = self.hi = None
-        self.samples: list[torch.Tensor] = []
-        self.n_samples = 0
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.records: dict[int, tuple] = {}   # batch index -> (lo, hi, samples or None)
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, index: int | None = None) -> None:
+        index = len(self.records) if index is None else index
         x = x.detach().float()
-        lo, hi = x.min().double().cpu(), x.max().double().cpu()
-        if self.method == "ema_absmax":
-            lo, hi = -torch.maximum(lo.abs(), hi.abs()), torch.maximum(lo.abs(), hi.abs())
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-        elif self.method.startswith("ema_"):
-            m = self.momentum
-            self.lo, self.hi = m * self.lo + (1 - m) * lo, m * self.hi + (1 - m) * hi
-        else:
-            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
-        if self.method in ("percentile", "mse", "sqnr", "lp_norm") and self.n_samples < SAMPLE_CAP:
+        lo, hi = float(x.min()), float(x.max())
+        samples = None
+        if self.method in ("percentile", "mse", "sqnr", "lp_norm"):
             flat = x.reshape(-1).cpu()
             if flat.numel() > SAMPLES_PER_BATCH:
-                flat = flat[torch.randperm(flat.numel(), generator=self.gen)[:SAMPLES_PER_BATCH]]
-            self.samples.append(flat.double())
-            self.n_samples += flat.numel()
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+                flat = flat[torch.randperm(flat.numel(), generator=gen)[:SAMPLES_PER_BATCH]]
+            samples = flat.double()
+        self.records[index] = (lo, hi, samples)
+
+    def merge(self, records: dict[int, tuple]) -> None:
+        self.records.update(records)
 
     def qparams(self) -> tuple[float, int]:
-        if self.lo is None:
+        if not self.records:
             raise RuntimeError("observer saw no data; calibration data is empty")
+        lo = hi = None
+        samples, n = [], 0
+        m = self.momentum
+        for i in sorted(self.records):
+            blo, bhi, bs = self.records[i]
+            blo, bhi = torch.tensor(blo, dtype=torch.float64), torch.tensor(bhi, dtype=torch.float64)
+            if self.method == "ema_absmax":
+                a = torch.maximum(blo.abs(), bhi.abs())
+                blo, bhi = -a, a
+            if lo is None:
+                lo, hi = blo, bhi
+            elif self.method.startswith("ema_"):
+                lo, hi = m * lo + (1 - m) * blo, m * hi + (1 - m) * bhi
+            else:
+                lo, hi = torch.minimum(lo, blo), torch.maximum(hi, bhi)
+            if bs is not None and n < SAMPLE_CAP:
+                samples.append(bs)
+                n += bs.numel()
         if self.method in ("minmax", "ema_minmax", "ema_absmax"):
-            s, z = qparams_from_range(self.lo[None], self.hi[None], self.spec)
+            s, z = qparams_from_range(lo[None], hi[None], self.spec)
         else:
-            s, z = estimate(torch.cat(self.samples)[None], self.method, self.spec, p=self.p, pct=self.pct)
+            s, z = estimate(torch.cat(samples)[None], self.method, self.spec, p=self.p, pct=self.pct)
         return float(torch.tensor(s[0].item(), dtype=torch.float32)), int(z[0])
 
 

@@ -148,7 +148,7 @@ class ActQuant(nn.Module):
         m = _STATE["mode"]
         if m == "observe":
             if self.observer is not None and self.source is None:
-                self.observer.observe(x)
+                self.observer.observe(x, _STATE.get("batch"))
             return x
         if m == "float" or not self.scale > 0 or not _active(self.qname):
             return x
@@ -555,11 +555,23 @@ def calibrate_activations(p: Prepared, recipe: Recipe, batches) -> int:
         aq = p.gm.get_submodule(name)
         if aq.source is None:
             aq.observer = ActivationObserver(a.observer, aq.spec, a.momentum, a.percentile, a.p, recipe.seed)
+    from qpipe import dist
+
     n = 0
     with mode("observe"):
-        for x, _ in batches:
+        for i, (x, _) in dist.shard(batches):  # under torchrun: this rank's batches, by global index
+            _STATE["batch"] = i
             p.gm(x)
             n += len(x)
+    _STATE.pop("batch", None)
+    if dist.active():  # every rank gets every batch's records, so all conclude to the single-process scales
+        own = {name: p.gm.get_submodule(name).observer.records for name in p.act
+               if p.gm.get_submodule(name).source is None}
+        parts = dist.gather((n, own))
+        n = sum(k for k, _ in parts)
+        for _, recs in parts:
+            for name, r in recs.items():
+                p.gm.get_submodule(name).observer.merge(r)
     if p.act and n == 0:
         raise QpipeError("calibration data is empty")
     for name in p.act:

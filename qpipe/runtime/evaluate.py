@@ -93,6 +93,11 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         raise QpipeError(f"unknown backend {backend!r}; use ort or torch")
     if batch_size < 1:
         raise QpipeError(f"--batch-size must be at least 1, got {batch_size}")
+    from qpipe import dist
+
+    rank, _ = dist.init(device)
+    if rank != 0:  # under torchrun rank 0 alone measures latency and writes the metrics
+        latency, write, progress = False, False, False
     art, onnx_path, fmt = _resolve(target, format)
     if data is None:
         data = art.manifest.get("data") if art else None
@@ -135,7 +140,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
 
     n = top1 = top5 = fast_top1 = agree = agree_fast = 0
     max_diff = max_diff_fast = 0.0
-    it = source.batches("test", batch_size, limit)
+    it = (b for _, b in dist.shard(source.batches("test", batch_size, limit)))  # this rank's share
     for x, y in tqdm(it, desc=f"evaluate {backend}", unit="batch", disable=None if progress else True, leave=False):
         xn, yn = x.numpy(), y.numpy()
         ort_logits = sess.run(None, {"input": xn})[0] if sess else None
@@ -154,6 +159,10 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
             agree_fast += int((ort_fast.argmax(1) == torch_logits.argmax(1)).sum())
             max_diff = max(max_diff, float(np.abs(ort_logits - torch_logits).max()))
             max_diff_fast = max(max_diff_fast, float(np.abs(ort_fast - torch_logits).max()))
+    if dist.active():  # sums of counts and maxima of differences over the ranks: the single-process numbers
+        parts = dist.gather((n, top1, top5, fast_top1, agree, agree_fast, max_diff, max_diff_fast))
+        n, top1, top5, fast_top1, agree, agree_fast = (sum(p[i] for p in parts) for i in range(6))
+        max_diff, max_diff_fast = max(p[6] for p in parts), max(p[7] for p in parts)
     if n == 0:
         raise QpipeError(f"data {data}: no test images")
 
@@ -194,6 +203,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         metrics["latency_ms"] = {"p50": None, "p90": None, "batch_size": batch_size}
         metrics["throughput_ips"] = None
     metrics["file_bytes"] = onnx_path.stat().st_size
+    if dist.active():
+        metrics["world_size"] = dist.init(device)[1]
     if write and art is not None:
         text = json.dumps(metrics, indent=2) + "\n"
         art.add_file(f"metrics-{backend}-{fmt}.json", text)
