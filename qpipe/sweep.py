@@ -331,11 +331,13 @@ def plot_accuracy_vs_bits(grid: Grid, records: list[dict], path: Path) -> None:
 
     lines: dict[str, dict[int, list[float]]] = {}
     for r in records:
-        if r["status"] != "ok":
+        bits = r["set"].get("weights.bits")
+        if r["status"] != "ok" or not isinstance(bits, int):
             continue
         name = ", ".join(f"{v}" for k, v in r["labels"].items() if k not in ("weights.bits", "seed")) or grid.base
-        lines.setdefault(name, {}).setdefault(int(r["set"].get("weights.bits", 0) or r["labels"]["weights.bits"]),
-                                              []).append(100 * r[grid.metric])
+        lines.setdefault(name, {}).setdefault(bits, []).append(100 * r[grid.metric])
+    if not lines:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in lines.items():
         bits = sorted(pts)

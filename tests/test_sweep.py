@@ -100,3 +100,15 @@ def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
             main(["sweep", str(p), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_cells_with_and_without_bits_and_a_per_cell_format(tmp_path):
+    from qpipe.sweep import sweep
+
+    p = tmp_path / "g.yaml"
+    p.write_text("base: w8a8\nset: [calibration.images=64]\n"
+                 "cells: [{label: a, weights.bits: 4}, {label: b, fold_bn: false}, {label: c, format: int}]\n"
+                 "rows: [cell]\n")
+    res = sweep(p, tmp_path / "o", progress=False)
+    assert res["failed"] == 0 and [c["model_file"] for c in res["cells"]] == ["model.qdq.onnx"] * 2 + ["model.int.onnx"]
+    assert (tmp_path / "o" / "accuracy_vs_bits.png").is_file()
