@@ -68,26 +68,29 @@ def test_sweep_writes_results_and_a_failed_cell_does_not_stop_the_others(tmp_pat
     assert (out / "accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_killed_sweep_continues_without_recomputing(tmp_path):
-    grid = write_grid(tmp_path)
+def test_killed_quantizer_sweep_continues_without_recomputing(tmp_path):
+    grid = ROOT / "recipes/sweeps/quantizers.yaml"   # the real grid: 5 estimators x 2 x 2 x 2 = 40 cells
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "qpipe", "sweep", str(grid), "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("cells/*/result.json"))) < 2:
+    while time.time() < deadline and len(list(out.glob("cells/*/result.json"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
-    assert 2 <= len(finished) < 6, "the sweep was not interrupted midway"
+    assert 3 <= len(finished) < 40, "the sweep was not interrupted midway"
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"6 cells ({len(finished)} reused, 0 failed)" in r.stdout
+    assert f"40 cells ({len(finished)} reused, 0 failed)" in r.stdout
     for cid, mtime in finished.items():  # untouched: not recomputed
         assert (out / "cells" / cid / "result.json").stat().st_mtime_ns == mtime
     res = json.loads((out / "results.json").read_text())
     assert sum(1 for c in res["cells"] if c.get("reused")) == len(finished)
+    assert all(c["status"] == "ok" and c["top1"] > 0.95 for c in res["cells"])
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 40 and (out / "results.md").is_file()
+    assert (out / "accuracy_vs_bits.png").is_file()
 
 
 def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
