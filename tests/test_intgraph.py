@@ -197,3 +197,10 @@ def test_brecq_lsq_keeps_the_int_softmax_grid_and_the_int_graph(tmp_path):
     qpipe.export(art, format="int")
     m = qpipe.evaluate(art.path, format="int", latency=False, progress=False, limit=128)
     assert m["parity"]["max_abs_diff"] == 0.0 and m["parity_optimized"]["max_abs_diff"] == 0.0
+
+
+def test_int_graph_carries_only_the_functions_it_calls(artifacts):
+    model = onnx.load(str(artifacts["digits-cnn"].file("model.int.onnx")))
+    names = {f.name for f in model.functions}
+    assert "Requant" in names and "IntAdd" in names
+    assert not names & {"IntSoftmax", "IntGELU", "IntLayerNorm", "APoTProject"}  # the CNN has none of these

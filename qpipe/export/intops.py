@@ -11,7 +11,7 @@ sign bit and shifts as uint64 (``FloorShift``, no division at all), and ``2^j`` 
 from __future__ import annotations
 
 import onnx
-from onnxscript import INT64, script
+from onnxscript import FLOAT, INT64, script
 from onnxscript import opset21 as op
 from onnxscript.values import Opset
 
@@ -180,22 +180,40 @@ def IntLayerNorm(x: INT64, m: INT64, k: INT64, b: INT64, zero_point: INT64, qmin
     return Clamp(op.Add(out, zero_point), qmin, qmax)
 
 
+@script(qp, default_opset=op)
+def APoTProject(x: FLOAT, step: FLOAT, table: INT64) -> INT64:
+    """APoT activation codes: the fine cell clamp(floor(x / step), 0, len(table) - 1) in float32, then the code of
+    the nearest level from ``table`` (qpipe.reference.apot.fine_table). Float in, integer codes out."""
+    f_max = op.Cast(op.Sub(op.Size(table), op.Constant(value_int=1)), to=onnx.TensorProto.FLOAT)
+    f = op.Clip(op.Floor(op.Div(x, step)), op.Constant(value_float=0.0), f_max)
+    return op.Gather(table, op.Cast(f, to=onnx.TensorProto.INT64))
+
+
 # op name -> function; helpers come first so that every function's callees are defined before it
 FUNCTIONS = {f.name: f for f in (Pow2, FloorDiv, FloorShift, IMin, IMax, Clamp, Requant, IntAdd, ShiftExp, IntSoftmax, IntGELU,
-                                 NewtonStep, Newton10, ISqrt, IntLayerNorm)}
-PUBLIC_OPS = ("Requant", "IntAdd", "IntSoftmax", "IntGELU", "IntLayerNorm")
+                                 NewtonStep, Newton10, ISqrt, IntLayerNorm, APoTProject)}
+PUBLIC_OPS = ("Requant", "IntAdd", "IntSoftmax", "IntGELU", "IntLayerNorm", "APoTProject")
 
 
-def function_protos(opset: int = ONNX_OPSET) -> list[onnx.FunctionProto]:
-    """Every ``ai.qpipe`` FunctionProto, to be put into a model's ``functions``; each imports both the standard
-    opset and ``ai.qpipe`` (onnxscript lists only some of the domains a body calls)."""
-    protos = []
-    for f in FUNCTIONS.values():
+def function_protos(opset: int = ONNX_OPSET, used: set[str] | None = None) -> list[onnx.FunctionProto]:
+    """The ``ai.qpipe`` FunctionProtos (all, or those ``used`` op types need), for a model's ``functions``; each
+    imports both the standard opset and ``ai.qpipe`` (onnxscript lists only some of the domains a body calls)."""
+    protos = {}
+    for name, f in FUNCTIONS.items():
         proto = f.to_function_proto()
         del proto.opset_import[:]
         proto.opset_import.extend([onnx.helper.make_opsetid("", opset), *opset_imports()])
-        protos.append(proto)
-    return protos
+        protos[name] = proto
+    if used is not None:  # only what the graph calls, and what those call
+        need, todo = set(), list(used)
+        while todo:
+            n = todo.pop()
+            if n in need or n not in protos:
+                continue
+            need.add(n)
+            todo.extend(node.op_type for node in protos[n].node if node.domain == DOMAIN)
+        protos = {k: v for k, v in protos.items() if k in need}
+    return list(protos.values())
 
 
 def opset_imports() -> list[onnx.OperatorSetIdProto]:

@@ -271,7 +271,8 @@ def _finish(model: onnx.ModelProto, opset: int, with_functions: bool = False) ->
     model.producer_name = "qpipe"
     del model.graph.value_info[:]
     if with_functions:
-        model.functions.extend(intops_onnx.function_protos(opset))
+        used = {n.op_type for n in model.graph.node if n.domain == intops_onnx.DOMAIN}
+        model.functions.extend(intops_onnx.function_protos(opset, used))
     model = simplify(model)
     onnx.checker.check_model(model, full_check=True)
     return model
