@@ -1,6 +1,7 @@
 """qpipe diagnose: per-layer SQNR in diagnosis.json and a PNG; a deliberately bad layer is reported worst."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,18 @@ def test_every_8_bit_layer_alone_is_harmless(tmp_path):
                           overrides=["calibration.images=64"])
     res = diagnose(art, images=64, write=False)
     assert all(r["alone_sqnr_db"] > 25 for r in res["layers"])  # 8-bit: every layer alone is harmless
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["diagnose", "/nonexistent/artifact"], "does not exist"),
+    (["sweep", "/nonexistent/grid.yaml"], "does not exist"),
+    (["sweep", "recipes/sweeps/vit.yaml", "--jobs", "0", "--out", "OUT"], "--jobs must be at least 1"),
+], ids=["diagnose-missing", "sweep-missing", "sweep-jobs-0"])
+def test_new_commands_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
+    root = Path(__file__).resolve().parents[1]
+    args = [a.replace("OUT", str(tmp_path / "o")).replace("recipes/", f"{root}/recipes/") for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
