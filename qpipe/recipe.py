@@ -225,6 +225,17 @@ def set_key(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty mapping); errors name ``what``."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QpipeError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise QpipeError(f"{what} {path} must be a YAML mapping")
+    return data
+
+
 def resolve_path(name_or_file: str) -> Path:
     p = Path(name_or_file)
     if p.suffix in (".yaml", ".yml") or p.exists():
@@ -247,12 +258,7 @@ def load_recipe(name_or_file: str | dict | Recipe = "w8a8", overrides: list[str]
         data = dict(name_or_file)
     else:
         path = resolve_path(name_or_file)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise QpipeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(data, dict):
-            raise QpipeError(f"recipe {path} must be a YAML mapping")
+        data = read_yaml_mapping(path, "recipe")
         data.setdefault("name", path.stem)
     for a in overrides:
         set_key(data, a)

@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qpipe.artifact import write_atomic, write_json
 from qpipe.errors import QpipeError
+from qpipe.recipe import read_yaml_mapping
 
 GRID_KEYS = {"model", "data", "base", "set", "axes", "cells", "rows", "cols", "metric", "format", "about",
              "weights", "calibration_images"}
@@ -108,12 +107,7 @@ def load_grid(path: str | Path, model: str | None = None, data: str | None = Non
     p = Path(path)
     if not p.is_file():
         raise QpipeError(f"grid file {path} does not exist")
-    try:
-        g = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise QpipeError(f"grid file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(g, dict):
-        raise QpipeError(f"grid file {path} must be a mapping")
+    g = read_yaml_mapping(p, "grid file")
     unknown = sorted(set(g) - GRID_KEYS)
     if unknown:
         raise QpipeError(f"grid file {path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(GRID_KEYS))}")
