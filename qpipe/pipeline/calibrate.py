@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import platform
 import time
@@ -222,8 +223,6 @@ def load_int_model(artifact: Artifact | str | Path, model: nn.Module | None = No
     from .intmodel import to_int
 
     art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
-    import copy
-
     q = load_quantized_from(copy.deepcopy(model), art) if model is not None else load_quantized(art)
     return to_int(q, tuple(art.qparams["input_shape"]))
 

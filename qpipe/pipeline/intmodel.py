@@ -22,6 +22,7 @@ are: they act on int64 tensors unchanged.
 
 from __future__ import annotations
 
+import functools
 import io
 import operator
 import warnings
@@ -123,8 +124,7 @@ class _QuantizeFn(torch.autograd.Function):
 class IntQuantize(nn.Module):
     def __init__(self, grid: Grid):
         super().__init__()
-        if grid.qmax - grid.qmin > 255:
-            raise QpipeError("the integer graph's input quantizer must be 8-bit or narrower")
+        _require_8bit(grid, "the input QuantizeLinear")
         self.grid = grid
 
     def forward(self, x):
@@ -195,15 +195,24 @@ class _ConvFn(torch.autograd.Function):
         return y
 
 
+def _require_8bit(grid: Grid, what: str) -> None:
+    if grid.qmax - grid.qmin > 255:
+        raise QpipeError(f"the integer-only graph needs 8-bit inputs to {what}, got {grid}")
+
+
+def _check_layer(layer, grid: Grid, what: str) -> None:
+    """A Conv/Linear the integer graph can run: symmetric integer weights and an 8-bit input grid."""
+    if layer.weight_int is None:
+        raise QpipeError(f"{layer.qname}: the integer-only graph needs quantized weights (weights.bits 2..8)")
+    if layer.weight_zero_point.abs().max() != 0:
+        raise QpipeError(f"{layer.qname}: the integer-only graph needs symmetric weights (weights.symmetric)")
+    _require_8bit(grid, f"{what} {layer.qname}")
+
+
 class IntConv(nn.Module):
     def __init__(self, conv: QConv2d, grid: Grid):
         super().__init__()
-        if conv.weight_int is None:
-            raise QpipeError(f"{conv.qname}: the integer-only graph needs quantized weights (weights.bits 2..8)")
-        if conv.weight_zero_point.abs().max() != 0:
-            raise QpipeError(f"{conv.qname}: the integer-only graph needs symmetric weights (weights.symmetric)")
-        if grid.qmax - grid.qmin > 255:
-            raise QpipeError(f"{conv.qname}: the integer-only graph needs 8-bit inputs to Conv, got {grid}")
+        _check_layer(conv, grid, "Conv")
         self.register_buffer("w", conv.weight_int.to(torch.int64))
         self.register_buffer("b", None if conv.bias_int is None else conv.bias_int.to(torch.int64))
         self.zx, self.signed = grid.zero_point, grid.signed
@@ -234,8 +243,7 @@ class IntMatMul(nn.Module):
     def __init__(self, ga: Grid, gb: Grid):
         super().__init__()
         for gr in (ga, gb):
-            if gr.qmax - gr.qmin > 255:
-                raise QpipeError(f"the integer-only graph needs 8-bit matmul inputs, got {gr}")
+            _require_8bit(gr, "matmul")
         self.za, self.zb, self.sa, self.sb = ga.zero_point, gb.zero_point, ga.signed, gb.signed
 
     def forward(self, a, b):
@@ -259,12 +267,7 @@ class _LinearFn(torch.autograd.Function):
 class IntLinear(nn.Module):
     def __init__(self, lin: QLinear, grid: Grid):
         super().__init__()
-        if lin.weight_int is None:
-            raise QpipeError(f"{lin.qname}: the integer-only graph needs quantized weights (weights.bits 2..8)")
-        if lin.weight_zero_point.abs().max() != 0:
-            raise QpipeError(f"{lin.qname}: the integer-only graph needs symmetric weights (weights.symmetric)")
-        if grid.qmax - grid.qmin > 255:
-            raise QpipeError(f"{lin.qname}: the integer-only graph needs 8-bit inputs to Linear, got {grid}")
+        _check_layer(lin, grid, "Linear")
         self.register_buffer("wt", lin.weight_int.to(torch.int64).t().contiguous())  # (in, out) for MatMulInteger
         self.register_buffer("b", None if lin.bias_int is None else lin.bias_int.to(torch.int64))
         self.zx, self.signed = grid.zero_point, grid.signed
@@ -365,8 +368,9 @@ class _MaxPoolFn(torch.autograd.Function):
 class IntMaxPool(nn.Module):
     def __init__(self, pool: nn.MaxPool2d, grid: Grid):
         super().__init__()
-        if grid.qmax - grid.qmin > 255 or pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
-            raise QpipeError("the integer graph supports MaxPool2d on 8-bit grids without dilation or ceil_mode")
+        _require_8bit(grid, "MaxPool2d")
+        if pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
+            raise QpipeError("the integer graph supports MaxPool2d without dilation or ceil_mode")
         pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
         self.kernel, self.stride, self.padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
         self.signed = grid.signed
@@ -495,8 +499,7 @@ class _Rewriter:
 
     def const(self, node: fx.Node) -> Const:
         """A float parameter read by get_attr: integerised (and registered) when the reader knows its grid."""
-        value = self.gm.get_parameter(node.target) if node.target in dict(self.gm.named_parameters()) \
-            else getattr(self.gm, node.target)
+        value = functools.reduce(getattr, node.target.split("."), self.gm)  # a parameter or buffer
 
         def make(grid: Grid):
             q = torch.clamp(torch.round(value.detach().double() / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)

@@ -16,7 +16,11 @@ from qpipe.errors import QpipeError
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool",
            "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Identity", "Transpose", "Concat",
-           "ReduceMean", "Mul"}
+           "ReduceMean", "Mul",
+           # transformers: float Softmax / LayerNorm / GELU between Q/DQ, the int64 Cast/Sub around ai.qpipe ops,
+           # and the shape arithmetic of the class token
+           "Softmax", "LayerNormalization", "Gelu", "Erf", "Div", "Sub", "Pow", "Sqrt", "Cast", "Gather", "Shape",
+           "Unsqueeze", "Expand", "Where", "Equal", "ConstantOfShape", "Constant", "Slice", "Squeeze"}
 # The integer-only graph: integer tensors only, between one QuantizeLinear and one DequantizeLinear
 INT_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "ConvInteger", "MatMulInteger", "Add", "Sub", "Mul",
            "Reshape", "Transpose", "Gather", "Concat", "Shape", "Unsqueeze", "Squeeze", "Expand", "Where", "Equal",
@@ -140,9 +144,7 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
             results.append(Result(f"integer-only {path.name}", ok, detail))
             continue
         ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
-        extra = sorted(ops - QDQ_OPS - {"Softmax", "LayerNormalization", "Gelu", "Erf", "Div", "Sub", "Pow",
-                                        "Sqrt", "Cast", "Gather", "Shape", "Unsqueeze", "Expand", "Where",
-                                        "Equal", "ConstantOfShape", "Constant", "Slice", "Squeeze"})
+        extra = sorted(ops - QDQ_OPS)
         results.append(Result(f"op set {path.name}", not extra, f"not allowed: {extra}" if extra else ""))
         if path == qdq:
             results.append(check_integers(art, model))

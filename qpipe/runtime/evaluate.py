@@ -95,7 +95,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         raise QpipeError(f"--batch-size must be at least 1, got {batch_size}")
     from qpipe import dist
 
-    rank, _ = dist.init(device)
+    rank, world = dist.init(device)
     if rank != 0:  # under torchrun rank 0 alone measures latency and writes the metrics
         latency, write, progress = False, False, False
     art, onnx_path, fmt = _resolve(target, format)
@@ -203,8 +203,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         metrics["latency_ms"] = {"p50": None, "p90": None, "batch_size": batch_size}
         metrics["throughput_ips"] = None
     metrics["file_bytes"] = onnx_path.stat().st_size
-    if dist.active():
-        metrics["world_size"] = dist.init(device)[1]
+    if world > 1:
+        metrics["world_size"] = world
     if write and art is not None:
         text = json.dumps(metrics, indent=2) + "\n"
         art.add_file(f"metrics-{backend}-{fmt}.json", text)
