@@ -27,4 +27,10 @@ def check(*args, **kwargs):
     return _check(*args, **kwargs)
 
 
-__all__ = ["__version__", "calibrate", "export", "evaluate", "check"]
+def train_qat(*args, **kwargs):
+    from qpipe.pipeline.qat import train_qat as _train_qat
+
+    return _train_qat(*args, **kwargs)
+
+
+__all__ = ["__version__", "calibrate", "export", "evaluate", "check", "train_qat"]

@@ -28,17 +28,45 @@ def cli():
 @cli.command()
 @click.option("--model", "model", required=True, help="Registry name (digits-cnn, resnet20, resnet18) or file.py:callable.")
 @click.option("--data", default="digits", show_default=True, help="Data spec: digits, npz:FILE, cifar10:DIR, imagenet:DIR.")
-@click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (.safetensors).")
-@click.option("--lr", type=float, default=3e-3, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def train(model, data, epochs, out, lr, batch_size, seed):
-    """Train a float model (the demo checkpoints in artifacts/models are made with this)."""
-    from qpipe.pipeline.train import train as run_train
+@click.option("--out", required=True, type=click.Path(),
+              help="Float: the checkpoint to write (.safetensors). --qat: the artifact folder to create.")
+@click.option("--qat", type=click.Choice(["apot", "uniform"]), default=None,
+              help="Quantization-aware fine-tuning with APoT or uniform levels and learned clipping.")
+@click.option("--bits", type=int, default=None, help="--qat: weight and activation bits (APoT: 2..5).")
+@click.option("--init", type=click.Path(), default=None,
+              help="--qat: float checkpoint to start from (default: the model's shipped checkpoint).")
+@click.option("--recipe", default=None, help="--qat: recipe name or YAML (default: {qat}-w{bits}a{bits}[-{model}]).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="--qat: override a recipe key.")
+@click.option("--epochs", type=int, default=None, help="Float: default 40. --qat: overrides qat.epochs.")
+@click.option("--lr", type=float, default=None, help="Float: default 3e-3 (AdamW). --qat: overrides qat.lr.")
+@click.option("--batch-size", type=int, default=None, help="Float: default 64. --qat: overrides qat.batch_size.")
+@click.option("--seed", type=int, default=None, help="Float: default 0. --qat: overrides the recipe's seed.")
+def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batch_size, seed):
+    """Train a float model (the demo checkpoints in artifacts/models are made with this), or fine-tune one with
+    quantization-aware training (--qat) into an artifact folder."""
+    if qat is None and (bits is not None or init is not None or recipe is not None or overrides):
+        raise QpipeError("--bits, --init, --recipe and --set are options of quantization-aware training: add --qat")
+    if qat is None:
+        from qpipe.pipeline.train import train as run_train
 
-    note = run_train(model, data, epochs, out, lr=lr, batch_size=batch_size, seed=seed, command=_command())
-    click.echo(f"wrote {out}: test top-1 {100 * note['test_top1']:.2f}% ({note['epochs']} epochs, seed {seed})")
+        note = run_train(model, data, 40 if epochs is None else epochs, out, lr=3e-3 if lr is None else lr,
+                         batch_size=64 if batch_size is None else batch_size, seed=0 if seed is None else seed,
+                         command=_command())
+        click.echo(f"wrote {out}: test top-1 {100 * note['test_top1']:.2f}% ({note['epochs']} epochs, "
+                   f"seed {note['seed']})")
+        return
+    from qpipe.pipeline.qat import train_qat
+
+    over = list(overrides)
+    over += [f"qat.epochs={epochs}"] if epochs is not None else []
+    over += [f"qat.lr={lr}"] if lr is not None else []
+    over += [f"qat.batch_size={batch_size}"] if batch_size is not None else []
+    art = train_qat(model, data, out, method=qat, bits=bits, recipe=recipe, init=init, overrides=over, seed=seed,
+                    command=_command())
+    q = art.qparams["qat"]
+    last = q["history"][-1]
+    click.echo(f"wrote {art.path}: {q['method']} QAT, {q['epochs']} epochs, final train loss {last['loss']:.4f}; "
+               f"next: qpipe export {art.path} && qpipe evaluate {art.path} --backend ort")
 
 
 def _calibrate_options(f):

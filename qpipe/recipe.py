@@ -77,6 +77,29 @@ class AdaRound:
 
 
 @dataclass(frozen=True)
+class QAT:
+    """Quantization-aware training (``qpipe train --qat``). ``method``: none | apot (additive powers-of-two levels,
+    Li et al. 2020) | uniform (uniform levels, the same learnable clipping). With a method set, the quantization
+    points are the inputs of every Conv/Linear and the model output; the first and last layers, their inputs and
+    the output use ``weights.first_bits`` / ``weights.last_bits`` uniform levels; every other layer the method's
+    levels at ``weights.bits`` (weights normalised per layer) and ``activations.bits``."""
+
+    method: str = "none"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.04                  # SGD with momentum on the weights, cosine schedule to 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    alpha_lr_acts: float = 0.1        # the clipping alphas (reference code: 0.1 activations, 0.02 weights)
+    alpha_lr_weights: float = 0.02
+    alpha_weight_decay: float = 1e-4
+    weight_alpha_init: float = 3.0    # alpha of normalised weights (the paper's 3.0)
+    act_alpha_init: float | None = None  # None: from the float activations (quantile below); CIFAR paper: 8.0
+    act_alpha_quantile: float = 0.999
+    augment: bool = True              # random 1-pixel shifts for images of at most 32x32
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     fold_bn: bool = True
@@ -86,6 +109,7 @@ class Recipe:
     calibration: Calibration = field(default_factory=Calibration)
     adaround: AdaRound = field(default_factory=AdaRound)
     ops: Ops = field(default_factory=Ops)
+    qat: QAT = field(default_factory=QAT)
 
     @property
     def quantizes_weights(self) -> bool:
@@ -108,9 +132,10 @@ CHOICES = {
     "ops.softmax": ("fp", "int"),
     "ops.gelu": ("fp", "int"),
     "ops.layernorm": ("fp", "int"),
+    "qat.method": ("none", "apot", "uniform"),
 }
 SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calibration, "adaround": AdaRound,
-            "ops": Ops}
+            "ops": Ops, "qat": QAT}
 
 
 def _check_type(key: str, value: Any, ftype: str) -> Any:
@@ -123,6 +148,10 @@ def _check_type(key: str, value: Any, ftype: str) -> Any:
     elif ftype == "int | None":
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise QpipeError(f"recipe key {key} must be an integer or null, got {value!r}")
+    elif ftype == "float | None":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise QpipeError(f"recipe key {key} must be a number or null, got {value!r}")
+        value = None if value is None else float(value)
     elif ftype == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise QpipeError(f"recipe key {key} must be a number, got {value!r}")
@@ -204,7 +233,44 @@ def validate(r: Recipe) -> Recipe:
         raise QpipeError("adaround.lsq learns activation step sizes, but activations.bits is 32 (float)")
     if r.weights.rounding == "adaround" and not r.quantizes_weights:
         raise QpipeError("weights.rounding = adaround needs quantized weights (weights.bits 2..8)")
+    _validate_qat(r)
     return r
+
+
+def _validate_qat(r: Recipe) -> None:
+    q = r.qat
+    if q.method == "none":
+        return
+    if not (r.quantizes_weights and r.quantizes_activations):
+        raise QpipeError(f"qat.method = {q.method} trains quantized weights and activations: set weights.bits "
+                         "and activations.bits (2..8)")
+    if q.method == "apot":
+        for key in ("weights.bits", "activations.bits"):
+            sec, name = key.split(".")
+            b = getattr(getattr(r, sec), name)
+            if not 2 <= b <= 5:
+                raise QpipeError(f"recipe key {key} = {b}: APoT levels exist for 2..5 bits")
+    if not r.fold_bn:
+        raise QpipeError("qat folds BatchNorm into the exported weight scales: fold_bn must be true")
+    if not r.activations.symmetric:
+        raise QpipeError("qat needs activations.symmetric: true (learned clipping [0, alpha] or [-alpha, alpha], "
+                         "zero point 0)")
+    if r.weights.rounding != "nearest":
+        raise QpipeError(f"qat projects weights to the nearest level; weights.rounding = {r.weights.rounding} "
+                         "does not apply")
+    if q.epochs < 1 or q.batch_size < 1:
+        raise QpipeError("qat.epochs and qat.batch_size must be at least 1")
+    for key in ("lr", "alpha_lr_acts", "alpha_lr_weights", "weight_alpha_init"):
+        if not getattr(q, key) > 0:
+            raise QpipeError(f"qat.{key} = {getattr(q, key)} must be positive")
+    if q.act_alpha_init is not None and not q.act_alpha_init > 0:
+        raise QpipeError(f"qat.act_alpha_init = {q.act_alpha_init} must be positive (or null)")
+    if not 0 <= q.momentum < 1:
+        raise QpipeError(f"qat.momentum = {q.momentum} must lie in [0, 1)")
+    if q.weight_decay < 0 or q.alpha_weight_decay < 0:
+        raise QpipeError("qat weight decays must not be negative")
+    if not 0.5 < q.act_alpha_quantile <= 1:
+        raise QpipeError(f"qat.act_alpha_quantile = {q.act_alpha_quantile} must lie in (0.5, 1]")
 
 
 def set_key(data: dict[str, Any], assignment: str) -> None:

@@ -93,7 +93,8 @@ WEIGHT_LAYOUTS = ("auto", "int8")  # int8: never switch to uint8 (unsafe on x86 
 
 def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bool, layout: str, opset: int,
                      weight_layout: str = "auto", int4: bool = True) -> str:
-    if int4 and opset >= 21 and bits <= 4 and users and all(u == "Conv" for u in users):
+    fits4 = q.size == 0 or (int(q.min()) >= -8 and int(q.max()) <= 7)  # APoT b-bit codes reach +-D (D up to 100)
+    if int4 and opset >= 21 and bits <= 4 and fits4 and users and all(u == "Conv" for u in users):
         return "int4"  # Conv only: onnxruntime rewrites INT4 DequantizeLinear->MatMul into approximate MatMulNBits
     if (weight_layout == "auto" and layout == "u8" and fused_input
             and np.abs(q.astype(np.int32)).max(initial=0) > U8S8_SAFE_WEIGHT):
@@ -158,6 +159,8 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
             attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
             out_nodes.append(helper.make_node("DequantizeLinear", [t.name, f"{name}_scale", zt.name], [y],
                                               name=f"{name}/DequantizeLinear", **attrs))
+        elif rec.get("levels") == "apot":
+            out_nodes.extend(_apot_nodes(b, name, rec, x, y))
         else:
             dt, zp, shift = _act_layout(rec, layout)
             bits, scale = rec["bits"], np.float32(rec["scale"])
@@ -197,6 +200,19 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
     if uses_int and opset < intops_onnx.MIN_OPSET:
         raise QpipeError(f"integer ops (recipe ops.*: int) need --opset {intops_onnx.MIN_OPSET} or higher, got {opset}")
     return _finish(model, opset, with_functions=uses_int)
+
+
+def _apot_nodes(b: _Builder, name: str, rec: dict, x: str, y: str) -> list[onnx.NodeProto]:
+    """APoT activation levels: ai.qpipe APoTProject (fine cell, then the nearest-level table) -> uint8 codes ->
+    DequantizeLinear at alpha / D: the exact values of the PyTorch Q-model."""
+    step = b.add_init(f"{name}_fine_step", np.array(np.float32(rec["fine_step"])))
+    table = b.add_init(f"{name}_table", np.asarray(rec["table"], dtype=np.int64))
+    scale = b.add_init(f"{name}_scale", np.array(np.float32(rec["scale"])))
+    zp = b.add_init(f"{name}_zero_point_apot", np.array(np.uint8(0)))
+    return [helper.make_node("APoTProject", [x, step, table], [f"{y}/codes"], domain=intops_onnx.DOMAIN,
+                             name=f"{y}/APoTProject"),
+            helper.make_node("Cast", [f"{y}/codes"], [f"{y}/quantized"], to=TensorProto.UINT8, name=f"{y}/Cast"),
+            helper.make_node("DequantizeLinear", [f"{y}/quantized", scale, zp], [y], name=f"{y}/DequantizeLinear")]
 
 
 def int_op_nodes(b: _Builder, name: str, rec: dict, tensors: dict, x: str, y: str, layout: str,

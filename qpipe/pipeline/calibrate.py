@@ -155,21 +155,32 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     record["intops"] = int_ops
     if report is not None:
         record["adaround"] = report
+    write_artifact(out, p, recipe, record, shape, model_spec=model_spec, weights=weights, data=data, images=n,
+                   command=command or "qpipe.calibrate()")
+    if workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    dist.barrier()
+    return Artifact(out)
+
+
+def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: dict, shape, *, model_spec, weights,
+                   data, images: int, command: str, int_graph_reason: str | None = None) -> None:
+    """Export the graphs of the frozen Q-model ``p`` and write the artifact folder ``out`` (staged, renamed)."""
     graph = export_graph(p, shape)
     int_graph = None
-    if recipe.quantizes_activations and recipe.quantizes_weights:
+    if int_graph_reason is None and not (recipe.quantizes_activations and recipe.quantizes_weights):
+        int_graph_reason = "the integer-only graph needs quantized weights and activations"
+    if int_graph_reason is None:
         from .intmodel import export_int_graph, to_int
 
         try:
             int_graph = export_int_graph(to_int(p.gm, shape), shape)
         except QpipeError as e:  # recorded: qpipe export --format int says why
-            record["int_graph"] = {"available": False, "reason": str(e)}
-        else:
-            record["int_graph"] = {"available": True}
-    else:
-        record["int_graph"] = {"available": False,
-                               "reason": "the integer-only graph needs quantized weights and activations"}
-
+            int_graph_reason = str(e)
+    record["int_graph"] = {"available": True} if int_graph is not None else {"available": False,
+                                                                            "reason": int_graph_reason}
     with staging_dir(out) as tmp:
         write_atomic(tmp / "recipe.yaml", dump_recipe(recipe))
         state = {k: v.detach().contiguous() for k, v in p.gm.state_dict().items()}
@@ -193,18 +204,12 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
             spec = f"{Path(f).resolve()}:{c}"
         manifest = {
             "model": spec, "weights": weights_path, "data": data if isinstance(data, str) else repr(data),
-            "recipe": recipe.name, "seed": recipe.seed, "calibration_images": n, "versions": versions(),
+            "recipe": recipe.name, "seed": recipe.seed, "calibration_images": images, "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "commands": [{"command": command or "qpipe.calibrate()", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}],
+            "commands": [{"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}],
             "files": hash_files(tmp, files),
         }
         write_json(tmp / "manifest.json", manifest)
-    if workdir.exists():
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
-    dist.barrier()
-    return Artifact(out)
 
 
 def load_quantized(artifact: Artifact | str | Path) -> fx.GraphModule:

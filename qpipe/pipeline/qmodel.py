@@ -20,6 +20,7 @@ from qpipe.recipe import FLOAT_BITS, Recipe
 from qpipe.reference.intops import OUT_BITS
 
 from . import intops
+from .apot import Levels, codes_of
 from .fold import fold_batchnorm, trace
 from .observers import ActivationObserver, estimate
 from .quant import QuantSpec, dequantize, fake_quantize, fake_quantize_ste, lsq_fake_quantize, quantize
@@ -84,6 +85,9 @@ class _QWeightMixin:
         self.qname = ""
 
     def qweight(self) -> torch.Tensor:
+        qat = self.__dict__.get("qat")  # quantization-aware training: levels of the float weight, learned alpha
+        if qat is not None and _STATE["mode"] == "quant":
+            return qat(self.weight)
         # mark mode writes the float graph: float weights, marked where integers replace them on export
         if self.weight_int is None or _STATE["mode"] in ("float", "observe") or not _active(self.qname):
             return self.weight
@@ -143,9 +147,24 @@ class ActQuant(nn.Module):
         self.observer: ActivationObserver | None = None
         self.qname = ""
         self.fixed = False  # scale set by the op before it (IntSoftmax: 2^-8), never calibrated or learned
+        self.levels: Levels | None = None  # QAT recipes: the level set (APoT: non-uniform, with an alpha buffer)
+
+    def make_apot(self, levels: Levels) -> None:
+        self.levels = levels
+        if levels.kind == "apot" and "alpha" not in self._buffers:
+            self.register_buffer("alpha", torch.tensor(0.0))
+
+    @property
+    def apot(self) -> bool:
+        return self.levels is not None and self.levels.kind == "apot"
 
     def forward(self, x):
         m = _STATE["mode"]
+        if self.apot and self.source is not None:
+            return x  # after max-pool / flatten: already on the source's levels (projecting again could move them)
+        qat = self.__dict__.get("qat")
+        if qat is not None and m == "quant":
+            return qat(x)
         if m == "observe":
             if self.observer is not None and self.source is None:
                 self.observer.observe(x, _STATE.get("batch"))
@@ -156,6 +175,8 @@ class ActQuant(nn.Module):
             return Mark.apply(x, self.source or self.qname)
         if "lsq_scale" in self.__dict__:  # LSQ step being learned during reconstruction
             return lsq_fake_quantize(x, self.lsq_scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
+        if self.apot:
+            return codes_of(x, self.alpha, self.levels).float() * self.scale
         if self.__dict__.get("ste"):     # inside a reconstruction unit: let gradients through
             return fake_quantize_ste(x, self.scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
@@ -375,6 +396,7 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
 
     act: list[str] = []
     a = recipe.activations
+    qat = recipe.qat.method != "none"
     if a.bits != FLOAT_BITS:
         nonneg: dict[fx.Node, bool] = {}
         owner: dict[fx.Node, str] = {}   # node -> quantizer whose grid its values lie on
@@ -404,7 +426,10 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                     continue
                 if k == "layer" and isinstance(modules[node.target], nn.Linear) and _feeds_add(node, modules):
                     continue  # a Linear read only by a residual add: the add's quantizer takes its accumulator
-                tail, nn_flag = node, (k in ("pool", "cat") and all(nonneg.get(x, False) for x in node.all_input_nodes))
+                if qat and not _qat_point(node, modules):
+                    continue
+                tail, nn_flag = node, (k in ("pool", "cat") and all(nonneg.get(x, False) or _kind(x, modules) == "relu"
+                                                                   for x in node.all_input_nodes))
                 nn_flag = nn_flag or k == "softmax"
                 while len(tail.users) == 1:
                     user = next(iter(tail.users))
@@ -435,6 +460,8 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
             layer_input[node.target] = None
             if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], ActQuant):
                 layer_input[node.target] = modules[src.target].qname
+    if qat:
+        _qat_levels(gm, recipe, layers, act, layer_input)
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in int_ops:
             op = modules[node.target]
@@ -449,6 +476,66 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
     gm.graph.lint()
     gm.recompile()
     return Prepared(gm, layers, act, layer_input, int_ops)
+
+
+def _tail(node: fx.Node, modules) -> fx.Node:
+    """The node whose value a quantizer after ``node`` reads: past a following BN / constant scale / ReLU."""
+    tail = node
+    while len(tail.users) == 1:
+        user = next(iter(tail.users))
+        uk = _kind(user, modules)
+        if uk in ("bn", "scale", "relu"):
+            tail = user
+            if uk == "relu":
+                break
+        else:
+            break
+    return tail
+
+
+def _qat_point(node: fx.Node, modules) -> bool:
+    """QAT placement: a tensor is quantized when a Conv/Linear reads it, or when it is the model output."""
+    tail = _tail(node, modules)
+    return _read_by_layer(tail, modules) or any(u.op == "output" for u in tail.users)
+
+
+def edge_layers(recipe: Recipe, layers: list[str]) -> dict[str, int]:
+    """QAT: the first / last layers that ``weights.first_bits`` / ``last_bits`` keep at uniform levels -> bits."""
+    w, out = recipe.weights, {}
+    if layers and w.first_bits is not None:
+        out[layers[0]] = w.first_bits
+    if layers and w.last_bits is not None:
+        out[layers[-1]] = w.last_bits
+    return out
+
+
+def _qat_levels(gm: fx.GraphModule, recipe: Recipe, layers, act, layer_input) -> None:
+    """Bits and level set of every QAT activation quantizer: read by a middle layer -> the method's levels at
+    ``activations.bits``; read only by first / last layers -> uniform at their bits; the output -> uniform at
+    ``weights.last_bits`` (or ``activations.bits``)."""
+    a, edges = recipe.activations, edge_layers(recipe, layers)
+    for name in act:
+        aq = gm.get_submodule(name)
+        if aq.source is not None:
+            continue
+        readers = [lay for lay, q in layer_input.items() if q == aq.qname]
+        if any(r not in edges for r in readers):
+            bits, kind = a.bits, recipe.qat.method
+        elif readers:
+            bits, kind = max(edges[r] for r in readers), "uniform"
+        else:
+            bits, kind = recipe.weights.last_bits or a.bits, "uniform"
+        signed = aq.spec.signed
+        if kind == "apot" and signed:
+            raise QpipeError(f"{aq.qname}: APoT activation levels are unsigned, but this tensor can be negative "
+                             "(no ReLU before the layer reading it); use qat.method: uniform for this model")
+        aq.spec = QuantSpec(bits, signed=signed, symmetric=True)
+        aq.make_apot(Levels(kind, bits, signed))
+    for name in act:
+        aq = gm.get_submodule(name)
+        if aq.source is not None:
+            src = gm.get_submodule(aq.source)
+            aq.spec, aq.levels = src.spec, src.levels  # APoT: passes its source's levels through as they are
 
 
 def _users_through_pass(node: fx.Node, modules) -> list[fx.Node]:
