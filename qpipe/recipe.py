@@ -138,7 +138,19 @@ SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calib
             "ops": Ops, "qat": QAT}
 
 
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string; numeric keys take it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _check_type(key: str, value: Any, ftype: str) -> Any:
+    if ftype in ("float", "float | None"):
+        value = _yaml_float(value)
     if ftype == "bool":
         if not isinstance(value, bool):
             raise QpipeError(f"recipe key {key} must be true or false, got {value!r}")

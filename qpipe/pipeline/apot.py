@@ -92,7 +92,7 @@ def codes_of(x: torch.Tensor, alpha: torch.Tensor, spec: Levels) -> torch.Tensor
         return torch.clamp(torch.round(x.float() / step), spec.qmin, spec.qmax).long()
     if spec.signed:
         raise ValueError("APoT activations are unsigned (inputs after a ReLU)")
-    f = torch.clamp(torch.floor(x.float() / step), 0, ref.FINE * d - 1).long()
+    f = torch.nan_to_num(torch.clamp(torch.floor(x.float() / step), 0, ref.FINE * d - 1), nan=0.0).long()
     table = torch.as_tensor(ref.fine_table(spec.bits), device=x.device)
     return table[f]
 
@@ -107,6 +107,7 @@ class _ClipQuant(torch.autograd.Function):
     def forward(ctx, x, alpha, spec: Levels):
         code = codes_of(x, alpha, spec)
         y = code.to(x.dtype) * code_scale(alpha, spec).to(x.dtype)
+        y = torch.where(torch.isnan(x), x, y)   # NaN stays NaN, so a diverged run shows in the loss
         v = x / alpha
         ctx.save_for_backward(v, code.to(x.dtype) / spec.denominator)
         ctx.lo, ctx.hi = spec.qmin / spec.denominator, spec.qmax / spec.denominator

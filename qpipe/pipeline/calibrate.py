@@ -166,7 +166,8 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
 
 
 def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: dict, shape, *, model_spec, weights,
-                   data, images: int, command: str, int_graph_reason: str | None = None) -> None:
+                   data, images: int, command: str, int_graph_reason: str | None = None,
+                   extra_files: dict[str, bytes] | None = None) -> None:
     """Export the graphs of the frozen Q-model ``p`` and write the artifact folder ``out`` (staged, renamed)."""
     graph = export_graph(p, shape)
     int_graph = None
@@ -191,6 +192,9 @@ def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: dict, s
         if int_graph is not None:
             write_atomic(tmp / "graph.int.onnx", int_graph)
             files.append("graph.int.onnx")
+        for name, blob in (extra_files or {}).items():
+            write_atomic(tmp / name, blob)
+            files.append(name)
         weights_path = str(Path(weights).resolve()) if weights else None
         if weights is None and isinstance(model_spec, str):
             from qpipe.models import REGISTRY, ROOT

@@ -13,6 +13,9 @@ scale ``alpha * |gamma / sigma| / D`` with the code's sign flipped where gamma /
 training codes as integers (int8 container) and the QDQ export dequantizes them. APoT activations export as
 ai.qpipe APoTProject -> DequantizeLinear(alpha / D).
 
+The artifact also keeps the fine-tuned float state (``trained.safetensors``, the model's own keys), so a lower-bit
+run can start from it (``--init``), the paper's progressive 4 -> 3 -> 2 bits.
+
 Resumable: after every epoch the state (model, alphas, optimiser, schedule, history) is written to
 ``OUT.partial/qat-state.pt`` (atomically); rerunning the same command continues after the last finished epoch. A
 non-finite loss stops training with a message and writes no artifact.
@@ -42,17 +45,20 @@ from .qmodel import Prepared, _kind, edge_layers, prepare, quantize_biases, sqnr
 from .train import _shift, accuracy
 
 STATE_FILE = "qat-state.pt"
+TRAINED_FILE = "trained.safetensors"   # the fine-tuned float weights and BN: --init of the next, lower-bit run
 METHODS = ("apot", "uniform")
 
 
 def default_recipe(method: str, bits: int, model: str) -> str:
-    """``{method}-w{b}a{b}``, or its ``-{model}`` variant where one exists (the paper's resnet20 settings)."""
-    name = f"{method}-w{bits}a{bits}"
-    try:
-        resolve_path(f"{name}-{model}")
-        return f"{name}-{model}"
-    except QpipeError:
-        return name
+    """``{method}-w{b}a{b}``, or its ``-{model}`` variant where one exists (the paper's resnet20 settings); other
+    bit widths start from the 4-bit recipe (``--bits`` sets the bits)."""
+    for name in (f"{method}-w{bits}a{bits}-{model}", f"{method}-w{bits}a{bits}", f"{method}-w4a4-{model}"):
+        try:
+            resolve_path(name)
+            return name
+        except QpipeError:
+            pass
+    return f"{method}-w4a4"
 
 
 class _WeightQuant:
@@ -335,6 +341,7 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
             opt.load_state_dict(st["opt"])
             sched.load_state_dict(st["sched"])
             start, history, alpha_init = int(st["epoch"]), list(st["history"]), st.get("alpha_init")
+    resumed_from = start
     if start == 0:
         alpha_init = qm.init_act_alphas(torch.cat(calib), r.calibration.batch_size)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +359,7 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 done = f"; epochs up to {start} are kept in {workdir}" if start else ""
-                raise QpipeError(f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, step "
+                raise QpipeError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step "
                                  f"{step + 1} (lr {sched.get_last_lr()[0]:.3g}); lower qat.lr or "
                                  f"qat.alpha_lr_*{done}; no artifact written")
             opt.zero_grad()
@@ -378,12 +385,16 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
         record["tensors"][name].update(e)
     record["intops"] = {}
     record["qat"] = {"method": r.qat.method, "epochs": q.epochs, "init": str(Path(init).resolve()),
-                     "alpha_init": alpha_init, "history": history, "calib_top1_training_model": calib_top1}
+                     "alpha_init": alpha_init, "resumed_from_epoch": resumed_from, "history": history, "calib_top1_training_model": calib_top1}
     reason = ("APoT levels are not a uniform grid, so there is no integer-only requantisation of them; "
               "model.qdq.onnx carries the exact codes") if r.qat.method == "apot" else None
+    from safetensors.torch import save as st_save
+
+    own = template.state_dict()
+    trained = {k: v.detach().contiguous() for k, v in qm.gm.state_dict().items() if k in own}
     write_artifact(out, frozen, r, record, shape, model_spec=model_spec, weights=init, data=data,
                    images=sum(len(x) for x in calib), command=command or "qpipe.train_qat()",
-                   int_graph_reason=reason)
+                   int_graph_reason=reason, extra_files={TRAINED_FILE: st_save(trained)})
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
