@@ -306,3 +306,27 @@ def test_corrupt_init_checkpoint(tmp_path, capsys):
                         str(bad), "--out", str(tmp_path / "a"))
     _one_line(code, err, "could not be read")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_resnet20_recipe_on_a_cifar_format_file(tmp_path):
+    """resnet20 with the paper's settings trains (one epoch) on CIFAR-10 binary batches, exports, and onnxruntime
+    reproduces it: what a user with CIFAR-10 runs for the 300-epoch table."""
+    from safetensors.torch import save_file
+    from test_data import write_cifar
+
+    from qpipe.models import build_model
+
+    write_cifar(tmp_path / "c", n_train=(24, 8), n_test=16)
+    torch.manual_seed(0)
+    save_file(build_model("resnet20").state_dict(), str(tmp_path / "r20.safetensors"))
+    out = tmp_path / "r20-apot-w2a2"
+    art = qpipe.train_qat("resnet20", f"cifar10:{tmp_path / 'c'}", out, method="apot", bits=2,
+                          init=str(tmp_path / "r20.safetensors"), overrides=["qat.epochs=1", "qat.batch_size=16"],
+                          progress=False)
+    assert art.recipe.name == "apot-w2a2-resnet20" and art.recipe.qat.act_alpha_init == 8.0
+    assert (art.path / "trained.safetensors").is_file()
+    qpipe.export(art, "qdq")
+    n_apot = sum(1 for v in art.qparams["tensors"].values() if v.get("levels") == "apot" and v["kind"] == "weight")
+    assert n_apot == 20   # 22 Conv/Linear layers; the first conv and the fc stay 8-bit uniform
+    m = qpipe.evaluate(art.path, f"cifar10:{tmp_path / 'c'}", backend="ort", latency=False, progress=False)
+    assert m["parity"]["top1_agreement"] == 1.0 and m["parity"]["max_abs_diff_steps"] <= 1
