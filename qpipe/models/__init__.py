@@ -16,6 +16,7 @@ from torch import nn
 
 from qpipe.errors import QpipeError
 
+from .adder import digits_adder, resnet20_adder
 from .resnet import digits_cnn, resnet18, resnet20
 from .vit import digits_vit, vit_b_16
 
@@ -36,6 +37,8 @@ REGISTRY: dict[str, ModelInfo] = {
     "resnet18": ModelInfo(resnet18, (3, 224, 224), "imagenet", None),
     "digits-vit": ModelInfo(digits_vit, (1, 8, 8), "digits", "artifacts/models/digits-vit.safetensors"),
     "vit_b_16": ModelInfo(vit_b_16, (3, 224, 224), "imagenet", None),
+    "digits-adder": ModelInfo(digits_adder, (1, 8, 8), "digits", "artifacts/models/digits-adder.safetensors"),
+    "resnet20-adder": ModelInfo(resnet20_adder, (3, 32, 32), "cifar10", None),
 }
 
 

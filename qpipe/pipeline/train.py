@@ -64,7 +64,7 @@ def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(x)
+            tot += float(loss.detach()) * len(x)
         bar.set_postfix(loss=f"{tot / n:.4f}")
     acc = accuracy(model, source)
     out.parent.mkdir(parents=True, exist_ok=True)
