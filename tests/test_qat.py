@@ -17,9 +17,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 from safetensors.numpy import load_file
+from test_cli import assert_one_line_error as _one_line
+from test_cli import run_cli as _cli
 
 import qpipe
-from qpipe.cli import main
 from qpipe.data import load_data
 from qpipe.errors import QpipeError
 from qpipe.models import load_model
@@ -30,21 +31,6 @@ from qpipe.pipeline.qmodel import prepare
 from qpipe.recipe import load_recipe
 from qpipe.reference import apot as ref
 from qpipe.runtime.check import weight_codes
-
-
-def _cli(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def _one_line(code, err, *needles):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("method", ["apot", "uniform"])
