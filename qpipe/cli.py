@@ -41,17 +41,21 @@ def cli():
 @click.option("--lr", type=float, default=None, help="Float: default 3e-3 (AdamW). --qat: overrides qat.lr.")
 @click.option("--batch-size", type=int, default=None, help="Float: default 64. --qat: overrides qat.batch_size.")
 @click.option("--seed", type=int, default=None, help="Float: default 0. --qat: overrides the recipe's seed.")
-def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batch_size, seed):
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None,
+              help="Float: adamw (one-cycle, default) or sgd (momentum 0.9, cosine; AdderNets).")
+def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batch_size, seed, optimizer):
     """Train a float model (the demo checkpoints in artifacts/models are made with this), or fine-tune one with
     quantization-aware training (--qat) into an artifact folder."""
     if qat is None and (bits is not None or init is not None or recipe is not None or overrides):
         raise QpipeError("--bits, --init, --recipe and --set are options of quantization-aware training: add --qat")
+    if qat is not None and optimizer is not None:
+        raise QpipeError("--optimizer is for float training; QAT takes SGD settings from the recipe's qat section")
     if qat is None:
         from qpipe.pipeline.train import train as run_train
 
         note = run_train(model, data, 40 if epochs is None else epochs, out, lr=3e-3 if lr is None else lr,
                          batch_size=64 if batch_size is None else batch_size, seed=0 if seed is None else seed,
-                         command=_command())
+                         command=_command(), optimizer=optimizer or "adamw")
         click.echo(f"wrote {out}: test top-1 {100 * note['test_top1']:.2f}% ({note['epochs']} epochs, "
                    f"seed {note['seed']})")
         return

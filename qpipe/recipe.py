@@ -100,6 +100,20 @@ class QAT:
 
 
 @dataclass(frozen=True)
+class Adder:
+    """AdderNet layers (``AdderConv2d``): ``method`` none (float) | adderquant (Nie et al. 2022: filters grouped by
+    max |w|, one scale per group shared by its weights and the input it reads, lossless weight clamp) | naive (one
+    scale per layer covering weights and activations)."""
+
+    method: str = "none"
+    bits: int = 8                     # adder weights and the inputs they read, 2..8
+    groups: int = 4                   # k-means groups of output filters (adderquant)
+    percentile: float = 99.94         # activation outlier clamp r: running max of this percentile of |x|
+    bn_reestimate: bool = True        # BatchNorm statistics of the quantized model, on the calibration images
+    input_bits: int = 16              # the quantizer on tensors that adder layers read (each group re-quantizes)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     fold_bn: bool = True
@@ -110,6 +124,7 @@ class Recipe:
     adaround: AdaRound = field(default_factory=AdaRound)
     ops: Ops = field(default_factory=Ops)
     qat: QAT = field(default_factory=QAT)
+    adder: Adder = field(default_factory=Adder)
 
     @property
     def quantizes_weights(self) -> bool:
@@ -133,9 +148,10 @@ CHOICES = {
     "ops.gelu": ("fp", "int"),
     "ops.layernorm": ("fp", "int"),
     "qat.method": ("none", "apot", "uniform"),
+    "adder.method": ("none", "adderquant", "naive"),
 }
 SECTIONS = {"weights": Weights, "activations": Activations, "calibration": Calibration, "adaround": AdaRound,
-            "ops": Ops, "qat": QAT}
+            "ops": Ops, "qat": QAT, "adder": Adder}
 
 
 def _yaml_float(value: Any) -> Any:
@@ -246,6 +262,17 @@ def validate(r: Recipe) -> Recipe:
     if r.weights.rounding == "adaround" and not r.quantizes_weights:
         raise QpipeError("weights.rounding = adaround needs quantized weights (weights.bits 2..8)")
     _validate_qat(r)
+    d = r.adder
+    _check_bits("adder.bits", d.bits, allow_float=False)
+    if not 1 <= d.groups <= 64:
+        raise QpipeError(f"recipe key adder.groups = {d.groups} is outside 1..64")
+    if not 50 < d.percentile <= 100:
+        raise QpipeError(f"adder.percentile = {d.percentile} must lie in (50, 100]")
+    if not 8 <= d.input_bits <= 16:
+        raise QpipeError(f"recipe key adder.input_bits = {d.input_bits} is outside 8..16")
+    if d.method != "none" and not r.quantizes_activations:
+        raise QpipeError(f"adder.method = {d.method} quantizes the inputs of adder layers: activations.bits must "
+                         "be 2..8")
     return r
 
 

@@ -10,8 +10,10 @@ sign bit and shifts as uint64 (``FloorShift``, no division at all), and ``2^j`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx
-from onnxscript import FLOAT, INT64, script
+from onnxscript import FLOAT, INT32, INT64, UINT8, script
 from onnxscript import opset21 as op
 from onnxscript.values import Opset
 
@@ -189,10 +191,61 @@ def APoTProject(x: FLOAT, step: FLOAT, table: INT64) -> INT64:
     return op.Gather(table, op.Cast(f, to=onnx.TensorProto.INT64))
 
 
+@script(qp, default_opset=op)
+def AdderDistance(p: FLOAT, w: FLOAT) -> FLOAT:
+    """-sum_k |p[n, k, i, j] - w[o, k]| for patches p (N, K, Ho, Wo) and kernels w (O, C, kh, kw), K = C kh kw."""
+    ps = op.Shape(p)
+    ws = op.Shape(w)
+    n = op.Slice(ps, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+    hw = op.Slice(ps, op.Constant(value_ints=[2]), op.Constant(value_ints=[4]))
+    o = op.Slice(ws, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+    k = op.Slice(ps, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    flat = op.Reshape(p, op.Concat(n, op.Constant(value_ints=[1]), k, op.Constant(value_ints=[-1]), axis=0))          # N 1 K L
+    wf = op.Reshape(w, op.Concat(op.Constant(value_ints=[1]), o, op.Constant(value_ints=[-1, 1]), axis=0))  # 1 O K 1
+    d = op.ReduceSum(op.Abs(op.Sub(flat, wf)), op.Constant(value_ints=[2]), keepdims=0)      # N O L
+    return op.Neg(op.Reshape(d, op.Concat(n, o, hw, axis=0)))
+
+
+@script(qp, default_opset=op)
+def OneHotKernels(w: FLOAT) -> FLOAT:
+    """(K, C, kh, kw) kernels with a single 1 each: a convolution with them gathers every patch exactly."""
+    cks = op.Slice(op.Shape(w), op.Constant(value_ints=[1]), op.Constant(value_ints=[4]))
+    k = op.ReduceProd(cks, keepdims=1)
+    eye = op.EyeLike(op.ConstantOfShape(op.Concat(k, k, axis=0)))
+    return op.Reshape(eye, op.Concat(k, cks, axis=0))
+
+
+@script(qp, default_opset=op)
+def Adder2d(x: FLOAT, w: FLOAT, strides: Sequence[int], pads: Sequence[int]) -> FLOAT:
+    """AdderNet layer, float: -sum |patch - w| over each (zero-padded) patch and kernel. The patches come from a
+    Conv with one-hot kernels (each output is 1 * x + 0 * others: exact)."""
+    p = op.Conv(x, OneHotKernels(w), strides=strides, pads=pads)
+    return AdderDistance(p, w)
+
+
+@script(qp, default_opset=op)
+def AdderInteger(x: UINT8, w: INT32, strides: Sequence[int], pads: Sequence[int]) -> INT32:
+    """AdderNet layer on integers: x uint8 codes, w int32 (O, C, kh, kw) in the same units; the patches gathered
+    by ConvInteger with one-hot uint8 kernels, then -sum |patch - w| in int32."""
+    onehot = op.Cast(OneHotKernels(op.Cast(w, to=onnx.TensorProto.FLOAT)), to=onnx.TensorProto.UINT8)
+    p = op.ConvInteger(x, onehot, strides=strides, pads=pads)                                # N K Ho Wo, int32
+    ps = op.Shape(p)
+    ws = op.Shape(w)
+    n = op.Slice(ps, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+    hw = op.Slice(ps, op.Constant(value_ints=[2]), op.Constant(value_ints=[4]))
+    o = op.Slice(ws, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+    k = op.Slice(ps, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    flat = op.Reshape(p, op.Concat(n, op.Constant(value_ints=[1]), k, op.Constant(value_ints=[-1]), axis=0))
+    wf = op.Reshape(w, op.Concat(op.Constant(value_ints=[1]), o, op.Constant(value_ints=[-1, 1]), axis=0))
+    d = op.ReduceSum(op.Abs(op.Sub(flat, wf)), op.Constant(value_ints=[2]), keepdims=0)
+    return op.Neg(op.Reshape(d, op.Concat(n, o, hw, axis=0)))
+
+
 # op name -> function; helpers come first so that every function's callees are defined before it
 FUNCTIONS = {f.name: f for f in (Pow2, FloorDiv, FloorShift, IMin, IMax, Clamp, Requant, IntAdd, ShiftExp, IntSoftmax, IntGELU,
-                                 NewtonStep, Newton10, ISqrt, IntLayerNorm, APoTProject)}
-PUBLIC_OPS = ("Requant", "IntAdd", "IntSoftmax", "IntGELU", "IntLayerNorm", "APoTProject")
+                                 NewtonStep, Newton10, ISqrt, IntLayerNorm, APoTProject, AdderDistance,
+                                 OneHotKernels, Adder2d, AdderInteger)}
+PUBLIC_OPS = ("Requant", "IntAdd", "IntSoftmax", "IntGELU", "IntLayerNorm", "APoTProject", "Adder2d", "AdderInteger")
 
 
 def function_protos(opset: int = ONNX_OPSET, used: set[str] | None = None) -> list[onnx.FunctionProto]:

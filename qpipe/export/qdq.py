@@ -118,12 +118,19 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
             consumers.setdefault(i, []).append(n)
     out_nodes = []
     intops = qparams.get("intops") or {}
+    adder_weights: dict[str, str] = {}   # output of an Adder mark -> the adder layer's name
     for node in model.graph.node:
+        if node.domain == intops_onnx.DOMAIN and node.op_type == "Adder2d" and node.input[1] in adder_weights:
+            out_nodes.extend(_adder_nodes(b, adder_weights[node.input[1]], node, state or {}, strip_only))
+            continue
         if node.domain != MARK_DOMAIN:
             out_nodes.append(node)
             continue
         name = next(a.s.decode() for a in node.attribute if a.name == "name")
         x, y = node.input[0], node.output[0]
+        if node.op_type == "Adder":
+            adder_weights[y] = name
+            continue
         if node.op_type == "IntOp":
             if name not in intops:
                 raise QpipeError(f"graph.onnx has the integer op {name!r}, which qparams.json does not record")
@@ -200,6 +207,56 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
     if uses_int and opset < intops_onnx.MIN_OPSET:
         raise QpipeError(f"integer ops (recipe ops.*: int) need --opset {intops_onnx.MIN_OPSET} or higher, got {opset}")
     return _finish(model, opset, with_functions=uses_int)
+
+
+def _adder_nodes(b: _Builder, name: str, node: onnx.NodeProto, state: dict, float_only: bool) -> list[onnx.NodeProto]:
+    """An AdderQuant layer: per group of filters, the input on the group's unsigned b-bit grid (Clip, Q, DQ at
+    step S/(2^b-1)), the weight codes dequantized at 2S/(2^b-1), Adder2d, plus the clamp bias; the groups
+    concatenated and gathered back into channel order. ``float_only``: the float adder with the float weights."""
+    attrs = {a.name: list(a.ints) for a in node.attribute}
+    x, y = node.input[0], node.output[0]
+    if float_only:
+        w = b.add_init(f"{name}.weight", state[f"{name}.weight"].astype(np.float32))
+        return [helper.make_node("Adder2d", [x, w], [y], domain=intops_onnx.DOMAIN, name=f"{name}/Adder2d", **attrs)]
+    try:
+        codes, group = state[f"{name}.weight_int"], state[f"{name}.group"]
+        scales, bias, bits = state[f"{name}.group_scale"], state[f"{name}.clamp_bias"], int(state[f"{name}.bits"])
+    except KeyError as e:
+        raise QpipeError(f"quantized.safetensors has no {e.args[0]} for the adder layer {name}") from e
+    nodes, outs, order = [], [], []
+    qmax = 2**bits - 1
+    for g in range(len(scales)):
+        sel = np.flatnonzero(group == g)
+        step = np.float32(np.float32(scales[g]) / np.float32(qmax))
+        p = f"{name}/group{g}/"
+        src = x
+        if bits < 8:
+            src = p + "clipped"
+            nodes.append(helper.make_node("Clip", [x, b.add_init(p + "lo", np.array(np.float32(0))),
+                                                   b.add_init(p + "hi", np.array(np.float32(qmax * step)))],
+                                          [src], name=p + "Clip"))
+        sc = b.add_init(p + "step", np.array(step))
+        zp = b.add_init(p + "zero_point", np.array(np.uint8(0)))
+        nodes += [helper.make_node("QuantizeLinear", [src, sc, zp], [p + "xq"], name=p + "QuantizeLinear"),
+                  helper.make_node("DequantizeLinear", [p + "xq", sc, zp], [p + "x"], name=p + "DequantizeLinear")]
+        wq = b.add_init(f"{name}.group{g}.weight_quantized", codes[sel].astype(np.int8))
+        ws = b.add_init(p + "weight_step", np.array(np.float32(2) * step))
+        wz = b.add_init(p + "weight_zero_point", np.array(np.int8(0)))
+        nodes += [helper.make_node("DequantizeLinear", [wq, ws, wz], [p + "w"], name=p + "WeightDequantizeLinear"),
+                  helper.make_node("Adder2d", [p + "x", p + "w"], [p + "acc"], domain=intops_onnx.DOMAIN,
+                                   name=p + "Adder2d", **attrs),
+                  helper.make_node("Add", [p + "acc", b.add_init(p + "bias", bias[sel].astype(np.float32).reshape(
+                      1, -1, 1, 1))], [p + "y"], name=p + "ClampBias")]
+        outs.append(p + "y")
+        order.extend(sel.tolist())
+    if len(outs) == 1:
+        nodes[-1].output[0] = y
+        return nodes
+    inverse = np.argsort(np.asarray(order)).astype(np.int64)
+    nodes += [helper.make_node("Concat", outs, [f"{name}/groups"], axis=1, name=f"{name}/Concat"),
+              helper.make_node("Gather", [f"{name}/groups", b.add_init(f"{name}/channel_order", inverse)], [y],
+                               axis=1, name=f"{name}/ChannelOrder")]
+    return nodes
 
 
 def _apot_nodes(b: _Builder, name: str, rec: dict, x: str, y: str) -> list[onnx.NodeProto]:

@@ -54,28 +54,36 @@ def _band(xp, n0, n1, r0, r1, kh, kw, stride):
 def adder2d_forward(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
     """-sum |patch - w|: float via ``torch.cdist(p=1)``; integer tensors exactly in int64."""
     exact = not x.is_floating_point()
-    if exact:
-        x, w = x.to(torch.int64), w.to(torch.int64)
+    if exact:  # integers in float64: every |difference| and sum below 2^53 is exact, and cdist runs fast
+        if x.abs().max() * 2 * w[0].numel() + w.abs().max() * w[0].numel() >= 2**52:
+            raise ValueError("integer adder inputs too large for exact float64 sums")
+        x, w = x.to(torch.float64), w.to(torch.float64)
     xp = F.pad(x, (padding,) * 4) if padding else x
     kh, kw, ho, wo = _geometry(xp, w, stride)
     n, o = x.shape[0], w.shape[0]
     wf = w.reshape(o, -1)
     k = wf.shape[1]
     out = torch.empty((n, o, ho, wo), dtype=x.dtype, device=x.device)
-    for n0, n1, r0, r1 in _blocks(n, ho, wo * k * (o if exact else 1)):
-        if exact:  # unfold has no integer kernel: gather the patches by float-free indexing
-            band = xp[n0:n1, :, r0 * stride : (r1 - 1) * stride + kh, :]
-            pt = band.unfold(2, kh, stride).unfold(3, kw, stride)           # n, C, rows, Wo, kh, kw
-            pt = pt.permute(0, 2, 3, 1, 4, 5).reshape(-1, k)
-            d = (pt[:, None, :] - wf[None]).abs().sum(-1)
-        else:
-            pt, _ = _band(xp, n0, n1, r0, r1, kh, kw, stride)
-            d = torch.cdist(pt, wf, p=1)
+    for n0, n1, r0, r1 in _blocks(n, ho, wo * k):
+        pt, _ = _band(xp, n0, n1, r0, r1, kh, kw, stride)
+        d = torch.cdist(pt, wf, p=1)
         out[n0:n1, :, r0:r1, :] = -d.reshape(n1 - n0, r1 - r0, wo, o).permute(0, 3, 1, 2)
+    if exact:
+        return out.to(torch.int64)
     return out
 
 
+ONNX_DOMAIN = "ai.qpipe"
+
+
 class _Adder2d(torch.autograd.Function):
+    @staticmethod
+    def symbolic(g, x, w, stride, padding, eta):
+        """The float adder layer as the ai.qpipe function Adder2d (qpipe.export.intops)."""
+        out = g.op(f"{ONNX_DOMAIN}::Adder2d", x, w, strides_i=[stride, stride], pads_i=[padding] * 4)
+        out.setType(x.type().with_sizes([None] * 4))
+        return out
+
     @staticmethod
     def forward(ctx, x, w, stride, padding, eta):
         ctx.save_for_backward(x, w)

@@ -126,6 +126,16 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
             yield x.to(dev), y
 
     weight_info = quantize_weights(p, recipe)
+    adders = None
+    if p.adders:  # AdderQuant: ranges, groups and codes of the adder layers, BN re-estimated, then activations
+        from . import adderquant
+
+        if dist.active():
+            raise QpipeError("adder-layer calibration runs in one process; run it without torchrun")
+        adderquant.observe_ranges(p, batches())
+        adders = adderquant.freeze_adders(p, recipe)
+        if recipe.adder.bn_reestimate:
+            adderquant.reestimate_bn(p, batches())
     n = calibrate_activations(p, recipe, batches()) if p.act else 0
     if rank != 0:  # under torchrun the scales are now those of a single process; rank 0 finishes and writes
         dist.barrier()
@@ -153,6 +163,8 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     shape = tuple(source.input_shape)
     record = qparams_record(p, recipe, weight_info, shape)
     record["intops"] = int_ops
+    if adders is not None:
+        record["adders"] = adders
     if report is not None:
         record["adaround"] = report
     write_artifact(out, p, recipe, record, shape, model_spec=model_spec, weights=weights, data=data, images=n,

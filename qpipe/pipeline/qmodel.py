@@ -8,6 +8,8 @@ the model input; the output of every Conv/Linear, residual add and average pool,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import operator
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qpipe.errors import QpipeError
+from qpipe.models.adder import AdderConv2d, adder2d, adder2d_forward
 from qpipe.recipe import FLOAT_BITS, Recipe
 from qpipe.reference.intops import OUT_BITS
 
@@ -41,6 +44,8 @@ def _marker(op_type: str, doc: str) -> type[torch.autograd.Function]:
 
 
 Mark = _marker("Mark", "Marks a quantized tensor in the float graph, so the QDQ exporter finds it by name.")
+MarkAdder = _marker("Adder", "Marks the weights of a quantized adder layer: the QDQ exporter replaces the Adder2d "
+                             "that reads them by per-group Q/DQ inputs, integer weights and Adder2d ops.")
 MarkOp = _marker("IntOp", "Marks where an integer op replaces a float one: the QDQ exporter puts Q -> ai.qpipe op "
                           "-> scale in its place with the constants of qparams.json['intops'].")
 
@@ -120,6 +125,69 @@ class QConv2d(_QWeightMixin, nn.Conv2d):
 class QLinear(_QWeightMixin, nn.Linear):
     def forward(self, x):
         return F.linear(x, self.qweight(), self.qbias())
+
+
+class QAdder2d(AdderConv2d):
+    """An adder layer quantized by AdderQuant once frozen (``freeze_adder``): output filters in groups, each group
+    re-quantizes the input to unsigned b-bit codes at step S/(2^b-1) and holds signed b-bit weight codes at step
+    2S/(2^b-1), so ``-sum |x_int - 2 w_int|`` is exact in integers; plus the lossless-clamp bias per filter.
+    Observe mode records the activation range r (running max of a percentile of |x|) while it is not frozen."""
+
+    def _init_qbuffers(self, percentile: float):
+        self.register_buffer("weight_int", None)    # (O, C, kh, kw) int8 codes
+        self.register_buffer("group", None)         # (O,) group of each filter
+        self.register_buffer("group_scale", None)   # (G,) S per group, float32
+        self.register_buffer("clamp_bias", None)    # (O,) float32: -sum max(|w| - S, 0)
+        self.register_buffer("act_range", torch.tensor(0.0))
+        self.register_buffer("bits", torch.tensor(8))
+        self.percentile = percentile
+        self.qname = ""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in ("weight_int", "group", "group_scale", "clamp_bias"):
+            if prefix + k in state_dict:
+                setattr(self, k, torch.empty_like(state_dict[prefix + k]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):
+        m = _STATE["mode"]
+        frozen = self.weight_int is not None
+        if m == "observe" and not frozen:
+            v = x.detach().abs().flatten()
+            k = max(int(math.ceil(self.percentile / 100.0 * v.numel())), 1)
+            self.act_range = torch.maximum(self.act_range, v.kthvalue(k).values.float())
+        if not frozen or m == "float" or not _active(self.qname) or (m == "observe" and not frozen):
+            return super().forward(x)
+        if m == "mark":  # the float adder on marked weights: the QDQ exporter expands it per group
+            return adder2d(x, MarkAdder.apply(self.weight, self.qname), self.stride, self.padding, None)
+        return self.int_forward(x)
+
+    def steps(self) -> torch.Tensor:
+        """Activation step S / (2^b - 1) of each group, float32."""
+        return self.group_scale.float() / torch.tensor(float(2 ** int(self.bits) - 1))
+
+    def codes(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """Group g's unsigned b-bit input codes (float32 division, round half to even, as QuantizeLinear)."""
+        return torch.clamp(torch.round(x.float() / self.steps()[g]), 0, 2 ** int(self.bits) - 1).to(torch.int64)
+
+    def int_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for g in range(len(self.group_scale)):
+            sel = self.group == g
+            acc = adder2d_forward(self.codes(x, g), 2 * self.weight_int[sel].to(torch.int64), self.stride,
+                                  self.padding)
+            y = acc.float() * self.steps()[g] + self.clamp_bias[sel].reshape(1, -1, 1, 1)
+            if out is None:
+                out = x.new_zeros((x.shape[0], self.out_channels, *y.shape[2:]))
+            out[:, sel] = y
+        return out
+
+
+def _to_q_adder(m: AdderConv2d, percentile: float) -> QAdder2d:
+    q = QAdder2d(m.in_channels, m.out_channels, m.kernel_size[0], m.stride, m.padding, m.eta)
+    q._init_qbuffers(percentile)
+    q.load_state_dict(m.state_dict(), strict=False)
+    return q
 
 
 def _to_q(m: nn.Module) -> nn.Module:
@@ -307,7 +375,7 @@ MATMUL_FUNCS = (torch.matmul, operator.matmul)
 MUL_FUNCS = (operator.mul, torch.mul)
 OP_MODULES = {nn.Softmax: "softmax", nn.GELU: "gelu", nn.LayerNorm: "layernorm"}  # transformer non-linearities
 # producers whose output gets its own quantizer (a following BatchNorm / ReLU / constant scale taken with it)
-QUANTIZED_KINDS = ("input", "layer", "add", "pool", "matmul", "softmax", "gelu", "layernorm", "cat")
+QUANTIZED_KINDS = ("input", "layer", "adder", "add", "pool", "matmul", "softmax", "gelu", "layernorm", "cat")
 
 
 @dataclass
@@ -317,6 +385,7 @@ class Prepared:
     act: list[str]             # activation quantizer module names in graph order
     layer_input: dict[str, str | None]  # layer -> quantizer feeding it (through pass-through ops)
     int_ops: list[str]         # integer Softmax / GELU / LayerNorm modules (recipe.ops)
+    adders: list[str] = dataclasses.field(default_factory=list)  # AdderQuant layers (recipe.adder)
 
 
 def _kind(node: fx.Node, modules) -> str:
@@ -326,6 +395,8 @@ def _kind(node: fx.Node, modules) -> str:
         m = modules[node.target]
         if isinstance(m, (QConv2d, QLinear, nn.Conv2d, nn.Linear)):
             return "layer"
+        if isinstance(m, AdderConv2d):
+            return "adder"
         if isinstance(m, RELU_MODULES):
             return "relu"
         if isinstance(m, nn.BatchNorm2d):
@@ -383,6 +454,18 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
         q = _to_q(modules[name])
         q.qname = name
         setattr(gm.get_submodule(parent) if parent else gm, leaf, q)
+    adders = []
+    if recipe.adder.method != "none":
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(modules[node.target], AdderConv2d):
+                if node.target in adders:
+                    raise QpipeError(f"module {node.target} is called twice; qpipe needs one call per adder layer")
+                parent, _, leaf = node.target.rpartition(".")
+                q = _to_q_adder(modules[node.target], recipe.adder.percentile)
+                q.qname = node.target
+                setattr(gm.get_submodule(parent) if parent else gm, leaf, q)
+                adders.append(node.target)
+        modules = dict(gm.named_modules())
     int_ops = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -444,6 +527,8 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                 bits = a.bits
                 if k == "add" and a.residual_bits is not None and not _read_by_layer(tail, modules):
                     bits = a.residual_bits
+                if adders and _read_by_adder(tail, modules):
+                    bits = recipe.adder.input_bits  # each group re-quantizes it to its own b-bit grid
                 fixed = k == "softmax" and recipe.ops.softmax == "int"
                 if fixed:
                     bits = OUT_BITS  # IntSoftmax writes 8-bit probabilities at the fixed scale 2^-8
@@ -455,7 +540,7 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
     layer_input: dict[str, str | None] = {}
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in layers:
+        if node.op == "call_module" and (node.target in layers or node.target in adders):
             src = node.args[0]
             layer_input[node.target] = None
             if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], ActQuant):
@@ -475,7 +560,7 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
             op.__dict__["_out"] = gm.get_submodule(op.out_q)
     gm.graph.lint()
     gm.recompile()
-    return Prepared(gm, layers, act, layer_input, int_ops)
+    return Prepared(gm, layers, act, layer_input, int_ops, adders)
 
 
 def _tail(node: fx.Node, modules) -> fx.Node:
@@ -555,11 +640,20 @@ def _feeds_add(node: fx.Node, modules) -> bool:
     return bool(users) and all(_kind(u, modules) == "add" for u in users)
 
 
+def _read_by_adder(node: fx.Node, modules) -> bool:
+    """True when an adder layer reads ``node`` (after a ReLU or pass-through ops)."""
+    for u in _users_through_pass(node, modules):
+        k = _kind(u, modules)
+        if k == "adder" or (k == "relu" and _read_by_adder(u, modules)):
+            return True
+    return False
+
+
 def _read_by_layer(node: fx.Node, modules) -> bool:
     """True when a Conv/Linear/matmul reads ``node`` (after a ReLU or pass-through ops)."""
     for u in _users_through_pass(node, modules):
         k = _kind(u, modules)
-        if k in ("layer", "matmul") or (k == "relu" and _read_by_layer(u, modules)):
+        if k in ("layer", "matmul", "adder") or (k == "relu" and _read_by_layer(u, modules)):
             return True
     return False
 

@@ -34,13 +34,21 @@ def accuracy(model, source, split="test", batch_size=256) -> float:
     return correct / max(total, 1)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float = 3e-3, batch_size: int = 64,
-          weight_decay: float = 5e-4, seed: int = 0, command: str | None = None, progress: bool = True) -> dict:
+          weight_decay: float = 5e-4, seed: int = 0, command: str | None = None, progress: bool = True,
+          optimizer: str = "adamw") -> dict:
+    """``adamw``: AdamW with a one-cycle schedule (the demo CNN / ViT); ``sgd``: SGD with momentum 0.9 and a cosine
+    schedule (AdderNets, as in their paper: the adaptive gradient scaling expects plain SGD)."""
     from qpipe.data import load_data
     from qpipe.models import build_model
 
     if epochs < 1:
         raise QpipeError(f"--epochs must be at least 1, got {epochs}")
+    if optimizer not in OPTIMIZERS:
+        raise QpipeError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     out = Path(out)
     if out.suffix != ".safetensors":
         raise QpipeError(f"--out must end in .safetensors, got {out}")
@@ -48,10 +56,14 @@ def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float
     model = build_model(model_spec)
     source = load_data(data)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = source.size("train")
     steps = epochs * math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     bar = tqdm(range(epochs), desc=f"train {model_spec}", disable=None if progress else True)
     for epoch in bar:
         model.train()
@@ -72,7 +84,7 @@ def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     write_atomic(out, st_save(state))
-    note = {"model": model_spec, "data": data, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+    note = {"model": model_spec, "data": data, "epochs": epochs, "optimizer": optimizer, "lr": lr, "batch_size": batch_size,
             "weight_decay": weight_decay, "seed": seed, "test_top1": acc, "torch": torch.__version__,
             "command": command or "qpipe.pipeline.train.train()", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(out.with_suffix(".json"), note)
