@@ -36,10 +36,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from qpipe.errors import QpipeError
 from qpipe.reference.intops import OUT_BITS, dyadic
 
+from qpipe.models.adder import adder2d_forward
+
 from . import intops
 from .qmodel import (
     MUL_FUNCS,
     ActQuant,
+    QAdder2d,
     QConv2d,
     QLinear,
     _IntOpMixin,
@@ -420,6 +423,103 @@ class Dequantize(nn.Module):
         return _DequantFn.apply(x, self.scale, self.zp)
 
 
+class _AdderFn(torch.autograd.Function):
+    """AdderQuant layer on a grid input: per group, the input requantised to the group's unsigned b-bit codes,
+    ``-sum |x - 2 w|`` exactly (ai.qpipe AdderInteger), plus the integer clamp bias; groups concatenated and put
+    back in channel order. ``params``: (m, k, 2 w, bias) per group."""
+
+    @staticmethod
+    def forward(ctx, x, perm, zin: int, qmax: int, stride: int, padding: int, *params):
+        outs = []
+        for i in range(0, len(params), 4):
+            m, k, w2, b = params[i : i + 4]
+            codes = intops.requantize(x - zin, m, k, 0, 0, qmax)
+            outs.append(adder2d_forward(codes, w2, stride, padding) + b.reshape(1, -1, 1, 1))
+        return torch.cat(outs, 1).index_select(1, perm)
+
+    @staticmethod
+    def symbolic(g, x, perm, zin, qmax, stride, padding, *params):
+        if zin:
+            x = g.op("Sub", x, _c(g, zin))
+        outs = []
+        for i in range(0, len(params), 4):
+            m, k, w2, b = params[i : i + 4]
+            codes = _q(g, "Requant", x, m, k, _c(g, 0), _c(g, 0), _c(g, qmax))
+            acc = g.op(f"{QDOMAIN}::AdderInteger", g.op("Cast", codes, to_i=2), g.op("Cast", w2, to_i=6),
+                       strides_i=[stride, stride], pads_i=[padding] * 4)   # UINT8 codes, INT32 weights
+            acc.setType(x.type().with_dtype(torch.int32).with_sizes([None] * 4))
+            acc = g.op("Add", g.op("Cast", acc, to_i=7), g.op("Reshape", b, _c(g, [1, -1, 1, 1])))
+            outs.append(acc)
+        y = outs[0] if len(outs) == 1 else g.op("Concat", *outs, axis_i=1)
+        return g.op("Gather", y, perm, axis_i=1)
+
+
+class IntAdder(nn.Module):
+    """A frozen QAdder2d on an integer input grid: an accumulator whose channel o has scale S_g / (2^b - 1) of
+    its group g."""
+
+    def __init__(self, adder: QAdder2d, grid: Grid):
+        super().__init__()
+        if adder.weight_int is None:
+            raise QpipeError(f"{adder.qname}: the integer-only graph needs a calibrated adder layer")
+        self.zin, self.stride, self.padding = grid.zero_point, adder.stride, adder.padding
+        self.qmax = 2 ** int(adder.bits) - 1
+        steps = adder.steps().double()
+        order, scales = [], [0.0] * adder.out_channels
+        self.n_groups = len(steps)
+        for gi in range(self.n_groups):
+            sel = torch.nonzero(adder.group == gi).flatten()
+            step = float(steps[gi])
+            m, k = _mk(grid.scale / step, ())
+            self.register_buffer(f"m{gi}", m)
+            self.register_buffer(f"k{gi}", k)
+            self.register_buffer(f"w{gi}", 2 * adder.weight_int[sel].to(torch.int64))
+            self.register_buffer(f"b{gi}", torch.round(adder.clamp_bias[sel].double() / step).to(torch.int64))
+            order.extend(sel.tolist())
+            for o in sel.tolist():
+                scales[o] = step
+        self.register_buffer("perm", torch.argsort(torch.tensor(order)))
+        self.scales = tuple(scales)
+
+    def forward(self, x):
+        params = []
+        for gi in range(self.n_groups):
+            params += [getattr(self, f"{n}{gi}") for n in ("m", "k", "w", "b")]
+        return _AdderFn.apply(x, self.perm, self.zin, self.qmax, self.stride, self.padding, *params)
+
+
+class _AffineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sign, bias):
+        return x * sign.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+    @staticmethod
+    def symbolic(g, x, sign, bias):
+        shape = _c(g, [1, -1, 1, 1])
+        return g.op("Add", g.op("Mul", x, g.op("Reshape", sign, shape)), g.op("Reshape", bias, shape))
+
+
+class IntBatchNorm(nn.Module):
+    """BatchNorm (eval) on a per-channel accumulator that no conv could absorb (after an adder layer):
+    ``gamma / sigma`` goes into the accumulator's scale (its sign into the integers), ``beta - gamma mu / sigma``
+    becomes an integer bias on that scale."""
+
+    def __init__(self, bn: nn.BatchNorm2d, scales: tuple[float, ...]):
+        super().__init__()
+        f = (bn.weight.double() if bn.affine else torch.ones_like(bn.running_var.double())) / torch.sqrt(
+            bn.running_var.double() + bn.eps)
+        beta = bn.bias.double() if bn.affine else torch.zeros_like(f)
+        s = torch.tensor(scales, dtype=torch.float64).expand_as(f)
+        sign = torch.sign(f)
+        new = torch.where(f != 0, s * f.abs(), s)
+        self.register_buffer("sign", sign.to(torch.int64))
+        self.register_buffer("bias", torch.round((beta - f * bn.running_mean.double()) / new).to(torch.int64))
+        self.scales = tuple(new.tolist())
+
+    def forward(self, x):
+        return _AffineFn.apply(x, self.sign, self.bias)
+
+
 # ---------------------------------------------------------------- the rewrite
 
 def _grid(aq: ActQuant) -> Grid:
@@ -582,6 +682,22 @@ class _Rewriter:
             else:
                 self.env[node] = self.call(target, IntLinear(m, xm), self.env[x])
                 self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=-1)
+            return
+        if k == "adder":
+            if not isinstance(xm, Grid):
+                raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every adder layer")
+            mod = IntAdder(self.modules[target], xm)
+            self.env[node] = self.call(target, mod, self.env[x])
+            self.meta[node] = Acc(mod.scales, axis=1)
+            return
+        if k == "bn":
+            if not isinstance(xm, Acc) or xm.relu:
+                raise QpipeError(f"{target}: the integer graph folds BatchNorm only into the accumulator of the "
+                                 "layer before it")
+            s = _scales(xm.scale)
+            mod = IntBatchNorm(self.modules[target], s)
+            self.env[node] = self.call(target, mod, self.env[x])
+            self.meta[node] = Acc(mod.scales, axis=1)
             return
         if k == "relu":
             if isinstance(xm, Acc):
