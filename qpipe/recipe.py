@@ -125,6 +125,7 @@ class Recipe:
     ops: Ops = field(default_factory=Ops)
     qat: QAT = field(default_factory=QAT)
     adder: Adder = field(default_factory=Adder)
+    exclude: tuple[str, ...] = ()     # module names kept whole and in float (not traced into, not quantized)
 
     @property
     def quantizes_weights(self) -> bool:
@@ -189,6 +190,12 @@ def _check_type(key: str, value: Any, ftype: str) -> Any:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
             raise QpipeError(f"recipe key {key} must be a pair of numbers [start, end], got {value!r}")
         value = (float(value[0]), float(value[1]))
+    elif ftype == "tuple[str, ...]":
+        if value is None:
+            value = ()
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise QpipeError(f"recipe key {key} must be a list of module names, got {value!r}")
+        value = tuple(value)
     elif ftype == "str" and not isinstance(value, str):
         raise QpipeError(f"recipe key {key} must be a string, got {value!r}")
     return value

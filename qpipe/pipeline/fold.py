@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from qpipe.errors import QpipeError
-
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new conv computing bn(conv(x)) in eval mode (always with a bias)."""
@@ -21,24 +19,11 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer with qpipe's own layers (AdderConv2d) kept as modules."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from qpipe.models.adder import AdderConv2d
-
-        return isinstance(m, AdderConv2d) or super().is_leaf_module(m, qualname)
-
-
 def trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QpipeError(f"could not trace the model with torch.fx ({type(e).__name__}: {msg[:200]}); "
-                         "qpipe needs a model without data-dependent control flow") from e
+    """The captured graph of ``model`` (``qpipe.pipeline.capture``)."""
+    from .capture import capture
+
+    return capture(model)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> int:

@@ -34,18 +34,19 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qpipe.errors import QpipeError
-from qpipe.reference.intops import OUT_BITS, dyadic
-
 from qpipe.models.adder import adder2d_forward
+from qpipe.reference.intops import OUT_BITS, dyadic
 
 from . import intops
 from .qmodel import (
+    DIV_FUNCS,
     MUL_FUNCS,
     ActQuant,
     QAdder2d,
     QConv2d,
     QLinear,
     _IntOpMixin,
+    _is_scalar,
     _kind,
     mode,
 )
@@ -549,6 +550,7 @@ class _Rewriter:
         self.count += 1
         name = f"{base.replace('.', '_')}_{self.count}"
         self.root.add_module(name, m)
+        self.add_module_name = name
         return name
 
     def call(self, base: str, m: nn.Module, *args) -> fx.Node:
@@ -635,6 +637,13 @@ class _Rewriter:
             self.copy(node, "float")
             return
         if op == "get_attr":
+            value = functools.reduce(getattr, node.target.split("."), self.gm)
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():  # a mask: used as it is
+                holder = self.root.get_submodule(self.add_module(node.target + "_raw", nn.Module()))
+                holder.register_buffer("value", value.detach().clone())
+                self.env[node] = self.new.get_attr(f"{self.add_module_name}.value")
+                self.meta[node] = "other"
+                return
             self.meta[node] = self.const(node)
             return
         if op == "output":
@@ -711,6 +720,8 @@ class _Rewriter:
             raise QpipeError(f"{node.name}: ReLU on an unsupported value in the integer graph")
         if k == "scale":
             c = next(a for a in args if isinstance(a, (int, float)))
+            if target in DIV_FUNCS:
+                c = 1.0 / c
             src = next(a for a in args if isinstance(a, fx.Node))
             sm = self.meta.get(src)
             if not isinstance(sm, Acc) or sm.relu:
@@ -789,7 +800,17 @@ class _Rewriter:
             self.env[node] = self.call(target, IntMaxPool(self.modules[target], xm), self.env[x])
             self.meta[node] = xm
             return
-        if k == "pass" or k == "other":
+        if k == "pass" and op == "call_method" and target == "masked_fill" and isinstance(xm, Grid):
+            # masked_fill(mask, -inf) before softmax: the lowest value of the grid, as the quantizer after it clamps
+            value = args[2] if len(args) > 2 else node.kwargs.get("value")
+            if not isinstance(value, (int, float)):
+                raise QpipeError(f"{node.name}: masked_fill needs a constant fill value in the integer graph")
+            fill = xm.qmin if value < 0 else xm.qmax
+            mask = self.env[args[1]] if isinstance(args[1], fx.Node) else args[1]
+            self.env[node] = self.new.call_method("masked_fill", (self.env[x], mask, fill))
+            self.meta[node] = xm
+            return
+        if k in ("pass", "other", "split"):
             if op == "call_module" and not isinstance(self.modules[target], (nn.Dropout, nn.Identity, nn.Flatten)):
                 raise QpipeError(f"{target} ({type(self.modules[target]).__name__}) has no integer form")
             if op == "call_function" and target in (F.max_pool2d,):
@@ -805,7 +826,7 @@ class _Rewriter:
 
                 self.meta[node] = Const(make)
                 return
-            if op == "call_function" and target in MUL_FUNCS + (operator.truediv, torch.div):
+            if op == "call_function" and target in MUL_FUNCS + (operator.truediv, torch.div) and not _is_scalar(node):
                 raise QpipeError(f"{node.name}: {target} on a tensor is not supported in the integer graph")
             self.copy(node, xm if isinstance(xm, (Grid, Acc)) else "other")
             return

@@ -24,7 +24,8 @@ from qpipe.reference.intops import OUT_BITS
 
 from . import intops
 from .apot import Levels, codes_of
-from .fold import fold_batchnorm, trace
+from .capture import capture
+from .fold import fold_batchnorm
 from .observers import ActivationObserver, estimate
 from .quant import QuantSpec, dequantize, fake_quantize, fake_quantize_ste, lsq_fake_quantize, quantize
 
@@ -367,12 +368,15 @@ PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 PASS_FUNCS = (torch.flatten, F.max_pool2d, F.dropout, operator.getitem, torch.permute, torch.transpose,
               torch.reshape)
 PASS_METHODS = ("flatten", "view", "reshape", "contiguous", "permute", "transpose", "expand", "squeeze",
-                "unsqueeze")
+                "unsqueeze", "masked_fill")   # masked_fill(mask, -inf) before softmax: the quantizer after clamps
 ADD_FUNCS = (operator.add, torch.add, operator.iadd)
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 POOL_FUNCS = (F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean)
-MATMUL_FUNCS = (torch.matmul, operator.matmul)
+MATMUL_FUNCS = (torch.matmul, operator.matmul, torch.bmm)
+SPLIT_FUNCS = (torch.unbind, torch.chunk, torch.split)   # tuple outputs: their items (getitem) get the quantizer
+SPLIT_METHODS = ("unbind", "chunk", "split")
 MUL_FUNCS = (operator.mul, torch.mul)
+DIV_FUNCS = (operator.truediv, torch.div)
 OP_MODULES = {nn.Softmax: "softmax", nn.GELU: "gelu", nn.LayerNorm: "layernorm"}  # transformer non-linearities
 # producers whose output gets its own quantizer (a following BatchNorm / ReLU / constant scale taken with it)
 QUANTIZED_KINDS = ("input", "layer", "adder", "add", "pool", "matmul", "softmax", "gelu", "layernorm", "cat")
@@ -386,6 +390,22 @@ class Prepared:
     layer_input: dict[str, str | None]  # layer -> quantizer feeding it (through pass-through ops)
     int_ops: list[str]         # integer Softmax / GELU / LayerNorm modules (recipe.ops)
     adders: list[str] = dataclasses.field(default_factory=list)  # AdderQuant layers (recipe.adder)
+
+
+SCALAR_OPS = (operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv, operator.pow,
+              operator.getitem, operator.neg)
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    """Shape arithmetic (``B * heads`` from ``x.shape``): a Python number while tracing, not a tensor."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] == "shape":
+        return True
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    if node.op == "call_function" and node.target in SCALAR_OPS:
+        nodes = [a for a in node.args if isinstance(a, fx.Node)]
+        return bool(nodes) and all(_is_scalar(a) for a in nodes)
+    return False
 
 
 def _kind(node: fx.Node, modules) -> str:
@@ -423,8 +443,14 @@ def _kind(node: fx.Node, modules) -> str:
             return "matmul"
         if node.target is torch.cat:
             return "cat"
-        if node.target in MUL_FUNCS and any(isinstance(a, (int, float)) for a in node.args):
+        if node.target in SPLIT_FUNCS:
+            return "split"
+        if node.target in MUL_FUNCS and any(isinstance(a, (int, float)) for a in node.args) \
+                and not any(isinstance(a, fx.Node) and _is_scalar(a) for a in node.args):
             return "scale"  # multiplication by a constant number
+        if node.target in DIV_FUNCS and len(node.args) == 2 and isinstance(node.args[1], (int, float)) \
+                and isinstance(node.args[0], fx.Node) and not _is_scalar(node.args[0]):
+            return "scale"  # division by a constant number (BERT's scores / sqrt(d))
     if node.op == "call_method":
         if node.target == "relu":
             return "relu"
@@ -432,6 +458,8 @@ def _kind(node: fx.Node, modules) -> str:
             return "add"
         if node.target in PASS_METHODS:
             return "pass"
+        if node.target in SPLIT_METHODS:
+            return "split"
         if node.target == "mean":
             return "pool"
     return "other"
@@ -439,13 +467,14 @@ def _kind(node: fx.Node, modules) -> str:
 
 def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
     """Trace, fold BN (if the recipe says so), swap in Q-modules and insert activation quantizers."""
-    gm = trace(model.eval())
+    gm = capture(model.eval(), recipe.exclude)
     if recipe.fold_bn:
         fold_batchnorm(gm)
     modules = dict(gm.named_modules())
     layers = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, nn.Linear)) \
+                and node.target not in recipe.exclude:
             if node.target in layers:
                 raise QpipeError(f"module {node.target} is called twice; qpipe needs one call per Conv/Linear")
             layers.append(node.target)
@@ -471,6 +500,8 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
         if node.op == "call_module":
             m = modules[node.target]
             kind = next((k for cls, k in OP_MODULES.items() if isinstance(m, cls)), None)
+            if kind and node.target in recipe.exclude:
+                continue
             if kind and getattr(recipe.ops, kind) == "int" and recipe.quantizes_activations:
                 parent, _, leaf = node.target.rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, leaf, _to_int_op(m, kind, node.target))
@@ -533,6 +564,9 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                 if fixed:
                     bits = OUT_BITS  # IntSoftmax writes 8-bit probabilities at the fixed scale 2^-8
                 insert(tail, None, nn_flag, bits, fixed)
+            elif k == "split" and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
+                src = node.args[0]   # a tuple: its items (getitem, a pass-through op) take the quantizer
+                owner[node], nonneg[node] = owner[src], nonneg.get(src, False)
             elif k == "pass" and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]
                 insert(node, owner[src], nonneg.get(src, False), specs[owner[src]])
@@ -628,7 +662,7 @@ def _users_through_pass(node: fx.Node, modules) -> list[fx.Node]:
     out, todo = [], list(node.users)
     while todo:
         u = todo.pop()
-        if _kind(u, modules) == "pass":
+        if _kind(u, modules) in ("pass", "split"):
             todo.extend(u.users)
         else:
             out.append(u)
