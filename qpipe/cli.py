@@ -73,6 +73,24 @@ def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batc
                f"next: qpipe export {art.path} && qpipe evaluate {art.path} --backend ort")
 
 
+@cli.command()
+@click.option("--model", required=True, help="Registry name or path/to/file.py:callable or package.module:callable.")
+@click.option("--recipe", default="w8a8", show_default=True, help="Recipe name in recipes/ or a YAML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the points as JSON.")
+def inspect(model, recipe, overrides, as_json):
+    """List the quantization points graph capture finds: every layer, matmul, softmax, GELU, LayerNorm, residual
+    add, concatenation and pooling, with its input/output quantizers and bits (no calibration)."""
+    import json
+
+    from qpipe.models import build_model
+    from qpipe.pipeline.inspect import format_points, quantization_points
+    from qpipe.recipe import load_recipe
+
+    rows = quantization_points(build_model(model), load_recipe(recipe, overrides))
+    click.echo(json.dumps(rows, indent=2) if as_json else format_points(rows))
+
+
 def _calibrate_options(f):
     f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)(f)
     f = click.option("--seed", type=int, default=None, help="Overrides the recipe's seed.")(f)

@@ -535,7 +535,9 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
 
         for node in list(gm.graph.nodes):
             k = _kind(node, modules)
-            if k in QUANTIZED_KINDS:
+            if node.op == "call_module" and node.target in recipe.exclude:
+                k = "excluded"  # a float module: its output is quantized again where a layer reads it
+            if k in QUANTIZED_KINDS or (k == "excluded" and _read_by_layer(node, modules)):
                 if k == "input" and not node.users:
                     continue
                 if k == "layer" and isinstance(modules[node.target], nn.Linear) and _feeds_add(node, modules):

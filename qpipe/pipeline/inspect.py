@@ -1,0 +1,105 @@
+"""``qpipe inspect``: the quantization points that graph capture finds in a model, before any calibration:
+every Conv/Linear/adder layer, activation matmul, softmax, GELU, LayerNorm, residual add, concatenation and
+pooling, with the quantizers on its inputs and output and their bits."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import fx, nn
+
+from qpipe.recipe import Recipe, load_recipe
+
+from .capture import _owner
+from .qmodel import ActQuant, _IntOpMixin, _kind, prepare
+
+POINT_KINDS = ("input", "layer", "adder", "matmul", "softmax", "gelu", "layernorm", "add", "cat", "pool", "excluded")
+LABEL = {"layer": "linear", "adder": "adder", "layernorm": "layernorm", "add": "add", "cat": "concat",
+         "pool": "pool", "matmul": "matmul", "softmax": "softmax", "gelu": "gelu", "input": "input",
+         "excluded": "float (excluded)"}
+
+
+def _describe(aq: ActQuant) -> str:
+    kind = aq.levels.kind if aq.levels is not None else ("int" if aq.spec.signed else "uint")
+    return f"{aq.qname} ({kind}{aq.spec.bits})"
+
+
+def _input_quantizer(arg, modules) -> str:
+    while isinstance(arg, fx.Node):
+        if arg.op == "call_module" and isinstance(modules.get(arg.target), ActQuant):
+            return _describe(modules[arg.target])
+        if _kind(arg, modules) == "layer":
+            return f"accumulator of {arg.target}"
+        if _kind(arg, modules) in ("pass", "split") and arg.args:
+            arg = arg.args[0]
+            continue
+        if arg.op == "get_attr":
+            return "constant"
+        return "float"
+    return "constant"
+
+
+def _output_quantizer(node: fx.Node, modules) -> str:
+    if _kind(node, modules) == "layer" and node.users and all(_kind(u, modules) == "add" for u in node.users):
+        return "accumulator (to the add)"
+    cur = node
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if u.op == "call_module" and isinstance(modules.get(u.target), ActQuant):
+            return _describe(modules[u.target])
+        if _kind(u, modules) in ("bn", "relu", "scale"):
+            cur = u
+            continue
+        break
+    return "float"
+
+
+def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list[dict]:
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    p = prepare(copy.deepcopy(model), r)
+    modules = dict(p.gm.named_modules())
+    rows = []
+    for node in p.gm.graph.nodes:
+        k = _kind(node, modules)
+        if node.op == "call_module" and node.target in r.exclude:
+            k = "excluded"
+        if k not in POINT_KINDS or (k == "input" and not node.users):
+            continue
+        m = modules.get(node.target) if node.op == "call_module" else None
+        op = LABEL[k]
+        if k == "layer":
+            op = "conv" if isinstance(m, nn.Conv2d) else "linear"
+        if isinstance(m, _IntOpMixin) and m.kind == k:
+            op = {"softmax": "IntSoftmax", "gelu": "IntGELU", "layernorm": "IntLayerNorm"}[k]
+        weight = None
+        if k in ("layer", "adder"):
+            weight = (r.adder.bits if k == "adder" and r.adder.method != "none" else
+                      getattr(m, "weight_bits", None))
+        tensors = [a for a in node.args if isinstance(a, fx.Node)] if k not in ("input", "cat") else (
+            [a for a in node.args[0]] if k == "cat" else [])
+        owner = _owner(node)
+        name = node.target if node.op == "call_module" else (f"{owner}.{node.name}" if owner else node.name)
+        rows.append({"name": name, "module": owner,
+                     "op": op, "inputs": [_input_quantizer(a, modules) for a in tensors],
+                     "output": _output_quantizer(node, modules), "weight_bits": weight})
+    bits = {name: p.gm.get_submodule(name) for name in p.layers}
+    from .qmodel import weight_bits as wb
+
+    for row in rows:
+        if row["op"] in ("conv", "linear") and row["name"] in bits:
+            b = wb(r, p.layers.index(row["name"]), len(p.layers))
+            row["weight_bits"] = None if b == 32 else b
+    return rows
+
+
+def format_points(rows: list[dict]) -> str:
+    cols = ["name", "op", "inputs", "output", "weight bits"]
+    cells = [[r["name"], r["op"], ", ".join(r["inputs"]) or "-", r["output"],
+              "-" if r["weight_bits"] is None else str(r["weight_bits"])] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = lambda v: "  ".join(s.ljust(w) for s, w in zip(v, width, strict=True)).rstrip()
+    counts = {}
+    for r in rows:
+        counts[r["op"]] = counts.get(r["op"], 0) + 1
+    summary = ", ".join(f"{n} {op}" for op, n in counts.items())
+    return "\n".join([line(cols), line(["-" * w for w in width]), *(line(c) for c in cells), "", summary])
