@@ -192,8 +192,9 @@ def APoTProject(x: FLOAT, step: FLOAT, table: INT64) -> INT64:
 
 
 @script(qp, default_opset=op)
-def AdderDistance(p: FLOAT, w: FLOAT) -> FLOAT:
-    """-sum_k |p[n, k, i, j] - w[o, k]| for patches p (N, K, Ho, Wo) and kernels w (O, C, kh, kw), K = C kh kw."""
+def AdderDistance(p, w):
+    """-sum_k |p[n, k, i, j] - w[o, k]| for patches p (N, K, Ho, Wo) and kernels w (O, C, kh, kw), K = C kh kw;
+    float or int32 (both of one type)."""
     ps = op.Shape(p)
     ws = op.Shape(w)
     n = op.Slice(ps, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
@@ -229,16 +230,7 @@ def AdderInteger(x: UINT8, w: INT32, strides: Sequence[int], pads: Sequence[int]
     by ConvInteger with one-hot uint8 kernels, then -sum |patch - w| in int32."""
     onehot = op.Cast(OneHotKernels(op.Cast(w, to=onnx.TensorProto.FLOAT)), to=onnx.TensorProto.UINT8)
     p = op.ConvInteger(x, onehot, strides=strides, pads=pads)                                # N K Ho Wo, int32
-    ps = op.Shape(p)
-    ws = op.Shape(w)
-    n = op.Slice(ps, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
-    hw = op.Slice(ps, op.Constant(value_ints=[2]), op.Constant(value_ints=[4]))
-    o = op.Slice(ws, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
-    k = op.Slice(ps, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-    flat = op.Reshape(p, op.Concat(n, op.Constant(value_ints=[1]), k, op.Constant(value_ints=[-1]), axis=0))
-    wf = op.Reshape(w, op.Concat(op.Constant(value_ints=[1]), o, op.Constant(value_ints=[-1, 1]), axis=0))
-    d = op.ReduceSum(op.Abs(op.Sub(flat, wf)), op.Constant(value_ints=[2]), keepdims=0)
-    return op.Neg(op.Reshape(d, op.Concat(n, o, hw, axis=0)))
+    return AdderDistance(p, w)
 
 
 # op name -> function; helpers come first so that every function's callees are defined before it
