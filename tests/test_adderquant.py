@@ -138,6 +138,11 @@ def test_integer_graph_is_exact_and_accurate(digits_w4):
         acc[recipe] = float((torch.tensor(got).argmax(1) == y).float().mean())
     assert acc["adderquant-w4"] >= 0.9844 - 0.01
     assert acc["adderquant-w4"] >= acc["adder-naive-w4"] + 0.05
+    art = digits_w4["adderquant-w4"]
+    model = onnx.load(str(art.file("model.int.onnx")))
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    groups = sum(len(r["groups"]) for r in art.qparams["adders"].values())
+    assert ops.count((X.DOMAIN, "AdderInteger")) == groups and not any(op == "Adder2d" for _, op in ops)
     results = qpipe.check(digits_w4["adderquant-w4"])
     assert all(r.ok for r in results if "op set" in r.name or "integer-only" in r.name), results
 
