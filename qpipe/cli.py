@@ -43,7 +43,8 @@ def cli():
 @click.option("--seed", type=int, default=None, help="Float: default 0. --qat: overrides the recipe's seed.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None,
               help="Float: adamw (one-cycle, default) or sgd (momentum 0.9, cosine; AdderNets).")
-def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batch_size, seed, optimizer):
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batch_size, seed, optimizer, device):
     """Train a float model (the demo checkpoints in artifacts/models are made with this), or fine-tune one with
     quantization-aware training (--qat) into an artifact folder."""
     if qat is None and (bits is not None or init is not None or recipe is not None or overrides):
@@ -55,7 +56,7 @@ def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batc
 
         note = run_train(model, data, 40 if epochs is None else epochs, out, lr=3e-3 if lr is None else lr,
                          batch_size=64 if batch_size is None else batch_size, seed=0 if seed is None else seed,
-                         command=_command(), optimizer=optimizer or "adamw")
+                         command=_command(), optimizer=optimizer or "adamw", device=device)
         click.echo(f"wrote {out}: test top-1 {100 * note['test_top1']:.2f}% ({note['epochs']} epochs, "
                    f"seed {note['seed']})")
         return
@@ -66,7 +67,7 @@ def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batc
     over += [f"qat.lr={lr}"] if lr is not None else []
     over += [f"qat.batch_size={batch_size}"] if batch_size is not None else []
     art = train_qat(model, data, out, method=qat, bits=bits, recipe=recipe, init=init, overrides=over, seed=seed,
-                    command=_command())
+                    command=_command(), device=device)
     q = art.qparams["qat"]
     last = q["history"][-1]
     click.echo(f"wrote {art.path}: {q['method']} QAT, {q['epochs']} epochs, final train loss {last['loss']:.4f}; "

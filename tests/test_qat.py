@@ -316,3 +316,12 @@ def test_resnet20_recipe_on_a_cifar_format_file(tmp_path):
     assert n_apot == 20   # 22 Conv/Linear layers; the first conv and the fc stay 8-bit uniform
     m = qpipe.evaluate(art.path, f"cifar10:{tmp_path / 'c'}", backend="ort", latency=False, progress=False)
     assert m["parity"]["top1_agreement"] == 1.0 and m["parity"]["max_abs_diff_steps"] <= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    for args in (["--qat", "apot", "--bits", "4"], ["--epochs", "1"]):
+        code, _, err = _cli(capsys, "train", "--model", "digits-cnn", *args, "--device", "cuda",
+                            "--out", str(tmp_path / "a.safetensors"))
+        _one_line(code, err, "no CUDA GPU")
+    assert list(tmp_path.iterdir()) == []

@@ -263,7 +263,7 @@ def _file_sha(path) -> str | None:
 
 def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None = None, bits: int | None = None,
               recipe: str | Recipe | None = None, init: str | None = None, overrides=(), seed: int | None = None,
-              command: str | None = None, progress: bool = True) -> Artifact:
+              command: str | None = None, progress: bool = True, device: str = "cpu") -> Artifact:
     """Fine-tune ``model_spec`` from ``init`` (default: its shipped checkpoint) with quantization-aware training and
     write the artifact folder ``out``. ``method`` / ``bits`` choose the default recipe ``{method}-w{b}a{b}``
     and override ``qat.method``, ``weights.bits`` and ``activations.bits``."""
@@ -300,6 +300,9 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
             raise QpipeError(f"QAT fine-tunes a trained float model, and {model_spec} ships no checkpoint: pass "
                              f"--init CHECKPOINT (qpipe train --model {model_spec} makes one)")
         init = str(ROOT / info.checkpoint)
+    from .train import check_device
+
+    dev = check_device(device)
     model = load_model(model_spec, init)
     source = load_data(data)
     template = copy.deepcopy(model)
@@ -308,7 +311,7 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
     p = prepare(model, train_recipe)
     if not p.layers:
         raise QpipeError(f"model {model_spec} has no Conv2d/Linear layer to quantize")
-    qm = QATModel(p, r)
+    qm = QATModel(p, r).to(dev)
     q = r.qat
     calib = [x for x, _ in source.batches("calib", r.calibration.batch_size, r.calibration.images)]
     if not calib:
@@ -343,7 +346,7 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
             start, history, alpha_init = int(st["epoch"]), list(st["history"]), st.get("alpha_init")
     resumed_from = start
     if start == 0:
-        alpha_init = qm.init_act_alphas(torch.cat(calib), r.calibration.batch_size)
+        alpha_init = qm.init_act_alphas(torch.cat(calib).to(dev), r.calibration.batch_size)
         workdir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(range(start, q.epochs), desc=f"qat {r.qat.method} {model_spec}", unit="epoch",
                initial=start, total=q.epochs, disable=None if progress else True)
@@ -355,6 +358,7 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
         for step, (x, y) in enumerate(source.batches("train", q.batch_size, shuffle_seed=r.seed * 1000 + epoch)):
             if q.augment and x.shape[-1] <= 32:
                 x = _shift(x, g)
+            x, y = x.to(dev), y.to(dev)
             logits = qm(x)
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
@@ -378,6 +382,7 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
         _save_state(state_path, {"key": key, "epoch": epoch + 1, "model": qm.state_dict(), "opt": opt.state_dict(),
                                  "sched": sched.state_dict(), "history": history, "alpha_init": alpha_init})
     calib_top1 = accuracy(qm, source, "calib")
+    qm.cpu()
     frozen, info, extra = freeze(qm, template, r)
     shape = tuple(source.input_shape)
     record = qparams_record(frozen, r, info, shape)

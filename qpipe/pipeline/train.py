@@ -24,12 +24,21 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Ten
     return torch.stack([pad[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
+def check_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda"):
+        raise QpipeError(f"unknown device {device!r}; use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QpipeError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
+    return torch.device(device)
+
+
 @torch.no_grad()
 def accuracy(model, source, split="test", batch_size=256) -> float:
     model.eval()
+    dev = next(iter(model.parameters()), torch.empty(0)).device
     correct = total = 0
     for x, y in source.batches(split, batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
         total += len(y)
     return correct / max(total, 1)
 
@@ -39,7 +48,7 @@ OPTIMIZERS = ("adamw", "sgd")
 
 def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float = 3e-3, batch_size: int = 64,
           weight_decay: float = 5e-4, seed: int = 0, command: str | None = None, progress: bool = True,
-          optimizer: str = "adamw") -> dict:
+          optimizer: str = "adamw", device: str = "cpu") -> dict:
     """``adamw``: AdamW with a one-cycle schedule (the demo CNN / ViT); ``sgd``: SGD with momentum 0.9 and a cosine
     schedule (AdderNets, as in their paper: the adaptive gradient scaling expects plain SGD)."""
     from qpipe.data import load_data
@@ -52,8 +61,9 @@ def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float
     out = Path(out)
     if out.suffix != ".safetensors":
         raise QpipeError(f"--out must end in .safetensors, got {out}")
+    dev = check_device(device)
     torch.manual_seed(seed)
-    model = build_model(model_spec)
+    model = build_model(model_spec).to(dev)
     source = load_data(data)
     g = torch.Generator().manual_seed(seed)
     n = source.size("train")
@@ -71,6 +81,7 @@ def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float
         for x, y in source.batches("train", batch_size, shuffle_seed=seed * 1000 + epoch):
             if x.shape[-1] <= 32:
                 x = _shift(x, g)
+            x, y = x.to(dev), y.to(dev)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -82,10 +93,10 @@ def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float
     out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save as st_save
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(out, st_save(state))
     note = {"model": model_spec, "data": data, "epochs": epochs, "optimizer": optimizer, "lr": lr, "batch_size": batch_size,
-            "weight_decay": weight_decay, "seed": seed, "test_top1": acc, "torch": torch.__version__,
+            "weight_decay": weight_decay, "seed": seed, "device": device, "test_top1": acc, "torch": torch.__version__,
             "command": command or "qpipe.pipeline.train.train()", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(out.with_suffix(".json"), note)
     return note
