@@ -43,6 +43,8 @@ RECIPES = {"w8a8": "qpipe W8A8 QDQ", "w7a8": "qpipe W7A8 QDQ (|w| <= 64: u8 x s8
            "w4a8": "qpipe W4A8 QDQ"}
 VIT_RECIPES = {"w8a8": "qpipe W8A8 QDQ (float ops)", "w8a8-int": "qpipe W8A8 QDQ (ai.qpipe int ops)"}
 INT_LABEL = "qpipe W8A8 integer-only (model.int.onnx)"
+ADDER_RECIPES = {"adderquant-w8": "qpipe AdderQuant W8 QDQ (float Adder2d)",
+                 "adderquant-w4": "qpipe AdderQuant W4 QDQ (float Adder2d)"}
 MODELS = [
     # name, data spec, calibration overrides, onnxruntime quantize_static control?, loop multiplier
     # (the CNN runs in microseconds: 10x the samples cost nothing and steady its median), the recipes, the
@@ -55,6 +57,10 @@ MODELS = [
      "recipes": VIT_RECIPES, "int": "w8a8-int", "batches": (1,)},
     {"model": "vit_b_16", "data": "synthetic:3x224x224:16", "overrides": RESNET_OVERRIDES, "ort_control": False,
      "runs_factor": 1, "recipes": VIT_RECIPES, "int": "w8a8-int", "batches": (1,)},
+    # the demo AdderNet: the FP32 graph runs the float ai.qpipe Adder2d too; "int" is AdderQuant W4's graph
+    {"model": "digits-adder", "data": "digits", "overrides": [], "ort_control": False, "runs_factor": 3,
+     "recipes": ADDER_RECIPES, "int": "adderquant-w4", "batches": (1, 8), "int_label":
+     "qpipe AdderQuant W4 integer-only (model.int.onnx)"},
 ]
 ORT_LABEL = "onnxruntime quantize_static QDQ (U8 act / S8 weight, per-channel)"
 FP32_LABEL = "FP32"
@@ -179,11 +185,12 @@ def run_model(spec: dict, root: Path, args) -> dict:
     print(f"[{name}] calibrating", file=sys.stderr)
     recipes = spec["recipes"]
     arts = {r: get_artifact(root, name, data, r, spec["overrides"]) for r in recipes}
-    fp32 = arts["w8a8"].file("model.fp32.onnx")
+    fp32 = arts[next(iter(recipes))].file("model.fp32.onnx")  # every artifact writes the same float graph
     files = {FP32_LABEL: fp32}
     files.update({recipes[r]: arts[r].file("model.qdq.onnx") for r in recipes})
+    int_label = spec.get("int_label", INT_LABEL)
     if spec["int"]:
-        files[INT_LABEL] = arts[spec["int"]].file("model.int.onnx")
+        files[int_label] = arts[spec["int"]].file("model.int.onnx")
     source = load_data(data)
     if spec["ort_control"]:
         files[ORT_LABEL] = ort_quantize(fp32, root / f"{name}-ort-qdq.onnx", source, spec["overrides"])
@@ -213,7 +220,7 @@ def run_model(spec: dict, root: Path, args) -> dict:
     xp = next(iter(source.batches("test", PARITY_IMAGES)))[0].numpy()
     par = {recipes[r]: parity(arts[r], xp, args.threads) for r in recipes}
     if spec["int"]:
-        par[INT_LABEL] = parity(arts[spec["int"]], xp, args.threads, "int")
+        par[spec.get("int_label", INT_LABEL)] = parity(arts[spec["int"]], xp, args.threads, "int")
     return {"model": name, "data": data, "input_shape": list(source.input_shape), "variants": variants,
             "latency": latency, "parity_optimized_vs_validation": par}
 

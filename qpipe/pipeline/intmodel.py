@@ -427,15 +427,16 @@ class Dequantize(nn.Module):
 class _AdderFn(torch.autograd.Function):
     """AdderQuant layer on a grid input: per group, the input requantised to the group's unsigned b-bit codes,
     ``-sum |x - 2 w|`` exactly (ai.qpipe AdderInteger), plus the integer clamp bias; groups concatenated and put
-    back in channel order. ``params``: (m, k, 2 w, bias) per group."""
+    back in channel order. ``params``: (m, k, int8 weight codes w, bias) per group; the activation grid is half
+    the weight step, so the codes enter as 2 w."""
 
     @staticmethod
     def forward(ctx, x, perm, zin: int, qmax: int, stride: int, padding: int, *params):
         outs = []
         for i in range(0, len(params), 4):
-            m, k, w2, b = params[i : i + 4]
+            m, k, w, b = params[i : i + 4]
             codes = intops.requantize(x - zin, m, k, 0, 0, qmax)
-            outs.append(adder2d_forward(codes, w2, stride, padding) + b.reshape(1, -1, 1, 1))
+            outs.append(adder2d_forward(codes, 2 * w.to(torch.int64), stride, padding) + b.reshape(1, -1, 1, 1))
         return torch.cat(outs, 1).index_select(1, perm)
 
     @staticmethod
@@ -444,9 +445,10 @@ class _AdderFn(torch.autograd.Function):
             x = g.op("Sub", x, _c(g, zin))
         outs = []
         for i in range(0, len(params), 4):
-            m, k, w2, b = params[i : i + 4]
+            m, k, w, b = params[i : i + 4]
             codes = _q(g, "Requant", x, m, k, _c(g, 0), _c(g, 0), _c(g, qmax))
-            acc = g.op(f"{QDOMAIN}::AdderInteger", g.op("Cast", codes, to_i=2), g.op("Cast", w2, to_i=6),
+            w2 = g.op("Mul", g.op("Cast", w, to_i=6), _c(g, 2, torch.int32))   # int8 codes -> 2 w in int32
+            acc = g.op(f"{QDOMAIN}::AdderInteger", g.op("Cast", codes, to_i=2), w2,
                        strides_i=[stride, stride], pads_i=[padding] * 4)   # UINT8 codes, INT32 weights
             acc.setType(x.type().with_dtype(torch.int32).with_sizes([None] * 4))
             acc = g.op("Add", g.op("Cast", acc, to_i=7), g.op("Reshape", b, _c(g, [1, -1, 1, 1])))
@@ -474,7 +476,7 @@ class IntAdder(nn.Module):
             m, k = _mk(grid.scale / step, ())
             self.register_buffer(f"m{gi}", m)
             self.register_buffer(f"k{gi}", k)
-            self.register_buffer(f"w{gi}", 2 * adder.weight_int[sel].to(torch.int64))
+            self.register_buffer(f"w{gi}", adder.weight_int[sel].to(torch.int8).clone())  # stored as int8 codes
             self.register_buffer(f"b{gi}", torch.round(adder.clamp_bias[sel].double() / step).to(torch.int64))
             order.extend(sel.tolist())
             for o in sel.tolist():
