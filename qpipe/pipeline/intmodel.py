@@ -447,7 +447,7 @@ class _AdderFn(torch.autograd.Function):
         for i in range(0, len(params), 4):
             m, k, w, b = params[i : i + 4]
             codes = _q(g, "Requant", x, m, k, _c(g, 0), _c(g, 0), _c(g, qmax))
-            w2 = g.op("Mul", g.op("Cast", w, to_i=6), _c(g, 2, torch.int32))   # int8 codes -> 2 w in int32
+            w2 = g.op("Mul", g.op("Cast", w, to_i=6), _c(g, 2, torch.int32))   # 2 w; constant-folded to int32
             acc = g.op(f"{QDOMAIN}::AdderInteger", g.op("Cast", codes, to_i=2), w2,
                        strides_i=[stride, stride], pads_i=[padding] * 4)   # UINT8 codes, INT32 weights
             acc.setType(x.type().with_dtype(torch.int32).with_sizes([None] * 4))
