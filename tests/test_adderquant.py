@@ -76,21 +76,26 @@ def test_quantized_adder_equals_reference(bits):
                                                                (2, 4, 6, 3, 1, 2, 0)])
 def test_onnx_adder_functions(integer, n, c, h, o, k, s, p):
     """ai.qpipe Adder2d (float) and AdderInteger (exact) in onnxruntime and onnx.reference against NumPy."""
+    inits = []
     if integer:
         x = RNG.integers(0, 256, (n, c, h, h)).astype(np.uint8)
-        w = (2 * RNG.integers(-128, 128, (o, c, k, k))).astype(np.int32)
-        op_type, tx, tw = "AdderInteger", TensorProto.UINT8, TensorProto.INT32
+        w = RNG.integers(-128, 128, (o, c, k, k)).astype(np.int8)
+        op_type, tx, ty, inputs = "AdderInteger", TensorProto.UINT8, TensorProto.INT32, ["x", "w", "two"]
+        inits = [numpy_helper.from_array(np.array(2, dtype=np.int32), "two")]
+        wv = 2 * w.astype(np.int64)      # weight codes at twice the activation step
     else:
         x = RNG.normal(size=(n, c, h, h)).astype(np.float32)
         w = RNG.normal(size=(o, c, k, k)).astype(np.float32)
-        op_type, tx, tw = "Adder2d", TensorProto.FLOAT, TensorProto.FLOAT
-    node = helper.make_node(op_type, ["x", "w"], ["y"], domain=X.DOMAIN, strides=[s, s], pads=[p] * 4)
+        op_type, tx, ty, inputs = "Adder2d", TensorProto.FLOAT, TensorProto.FLOAT, ["x", "w"]
+        wv = w.astype(np.float64)
+    node = helper.make_node(op_type, inputs, ["y"], domain=X.DOMAIN, strides=[s, s], pads=[p] * 4)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", tx, x.shape)],
-                          [helper.make_tensor_value_info("y", tw, [None] * 4)], [numpy_helper.from_array(w, "w")])
+                          [helper.make_tensor_value_info("y", ty, [None] * 4)],
+                          [numpy_helper.from_array(w, "w"), *inits])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", X.ONNX_OPSET), *X.opset_imports()],
                           ir_version=10, functions=X.function_protos(X.ONNX_OPSET, {op_type}))
     onnx.checker.check_model(m, full_check=True)
-    want = R.adder2d(x.astype(np.int64 if integer else np.float64), w.astype(np.int64 if integer else np.float64), s, p)
+    want = R.adder2d(x.astype(np.int64 if integer else np.float64), wv, s, p)
     got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     ref = ReferenceEvaluator(m).run(None, {"x": x})[0]
     if integer:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import onnx
-from onnxscript import FLOAT, INT32, INT64, UINT8, script
+from onnxscript import FLOAT, INT8, INT32, INT64, UINT8, script
 from onnxscript import opset21 as op
 from onnxscript.values import Opset
 
@@ -225,12 +225,14 @@ def Adder2d(x: FLOAT, w: FLOAT, strides: Sequence[int], pads: Sequence[int]) -> 
 
 
 @script(qp, default_opset=op)
-def AdderInteger(x: UINT8, w: INT32, strides: Sequence[int], pads: Sequence[int]) -> INT32:
-    """AdderNet layer on integers: x uint8 codes, w int32 (O, C, kh, kw) in the same units; the patches gathered
-    by ConvInteger with one-hot uint8 kernels, then -sum |patch - w| in int32."""
+def AdderInteger(x: UINT8, w: INT8, w_mult: INT32, strides: Sequence[int], pads: Sequence[int]) -> INT32:
+    """AdderNet layer on integers: ``-sum |patch - w_mult * w|`` in int32 for uint8 codes x and int8 weight codes w
+    (O, C, kh, kw) whose step is ``w_mult`` activation steps (AdderQuant: 2). The patches are gathered exactly by
+    ConvInteger with one-hot uint8 kernels."""
+    w32 = op.Mul(op.Cast(w, to=onnx.TensorProto.INT32), w_mult)
     onehot = op.Cast(OneHotKernels(op.Cast(w, to=onnx.TensorProto.FLOAT)), to=onnx.TensorProto.UINT8)
     p = op.ConvInteger(x, onehot, strides=strides, pads=pads)                                # N K Ho Wo, int32
-    return AdderDistance(p, w)
+    return AdderDistance(p, w32)
 
 
 # op name -> function; helpers come first so that every function's callees are defined before it

@@ -447,8 +447,9 @@ class _AdderFn(torch.autograd.Function):
         for i in range(0, len(params), 4):
             m, k, w, b = params[i : i + 4]
             codes = _q(g, "Requant", x, m, k, _c(g, 0), _c(g, 0), _c(g, qmax))
-            w2 = g.op("Mul", g.op("Cast", w, to_i=6), _c(g, 2, torch.int32))   # 2 w; constant-folded to int32
-            acc = g.op(f"{QDOMAIN}::AdderInteger", g.op("Cast", codes, to_i=2), w2,
+            # int8 weight codes at twice the activation step (the function forms 2 w in int32)
+            acc = g.op(f"{QDOMAIN}::AdderInteger", g.op("Cast", codes, to_i=2), g.op("Cast", w, to_i=3),
+                       _c(g, 2, torch.int32),
                        strides_i=[stride, stride], pads_i=[padding] * 4)   # UINT8 codes, INT32 weights
             acc.setType(x.type().with_dtype(torch.int32).with_sizes([None] * 4))
             acc = g.op("Add", g.op("Cast", acc, to_i=7), g.op("Reshape", b, _c(g, [1, -1, 1, 1])))
