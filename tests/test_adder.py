@@ -112,9 +112,9 @@ def test_adder_models(spec, shape, n_adders):
     loss = torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 3]))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
-    from qpipe.pipeline.fold import trace
+    from qpipe.pipeline.capture import capture
 
-    gm = trace(m.eval())   # AdderConv2d stays one module in the traced graph
+    gm = capture(m.eval())   # AdderConv2d stays one module in the traced graph
     assert sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                   A.AdderConv2d)) == n_adders
     torch.testing.assert_close(gm(x), m(x))

@@ -105,17 +105,15 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     model_spec = model if isinstance(model, str) else f"<in-memory {type(model).__name__}>"
     if isinstance(model, str):
         model = load_model(model, weights)
-    if device not in ("cpu", "cuda"):
-        raise QpipeError(f"unknown device {device!r}; use cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QpipeError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
+    from .train import check_device
+
+    dev = check_device(device)
     source = as_source(data)
     from qpipe import dist
 
     rank, _ = dist.init(device)
     torch.manual_seed(recipe.seed)
     p = prepare(model, recipe)
-    dev = torch.device(device)
     p.gm.to(dev)
 
     def batches():

@@ -19,13 +19,6 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """The captured graph of ``model`` (``qpipe.pipeline.capture``)."""
-    from .capture import capture
-
-    return capture(model)
-
-
 def fold_batchnorm(gm: fx.GraphModule) -> int:
     """Fold every BatchNorm2d whose input is a Conv2d used only by it; returns how many were folded."""
     modules = dict(gm.named_modules())

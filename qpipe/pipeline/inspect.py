@@ -8,10 +8,10 @@ import copy
 
 from torch import fx, nn
 
-from qpipe.recipe import Recipe, load_recipe
+from qpipe.recipe import FLOAT_BITS, Recipe, load_recipe
 
 from .capture import _owner
-from .qmodel import ActQuant, _IntOpMixin, _kind, prepare
+from .qmodel import ActQuant, _IntOpMixin, _kind, prepare, weight_bits
 
 POINT_KINDS = ("input", "layer", "adder", "matmul", "softmax", "gelu", "layernorm", "add", "cat", "pool", "excluded")
 LABEL = {"layer": "linear", "adder": "adder", "layernorm": "layernorm", "add": "add", "cat": "concat",
@@ -72,9 +72,11 @@ def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list
         if isinstance(m, _IntOpMixin) and m.kind == k:
             op = {"softmax": "IntSoftmax", "gelu": "IntGELU", "layernorm": "IntLayerNorm"}[k]
         weight = None
-        if k in ("layer", "adder"):
-            weight = (r.adder.bits if k == "adder" and r.adder.method != "none" else
-                      getattr(m, "weight_bits", None))
+        if k == "adder" and r.adder.method != "none":
+            weight = r.adder.bits
+        elif k == "layer" and node.target in p.layers:
+            b = weight_bits(r, p.layers.index(node.target), len(p.layers))
+            weight = None if b == FLOAT_BITS else b
         tensors = [a for a in node.args if isinstance(a, fx.Node)] if k not in ("input", "cat") else (
             [a for a in node.args[0]] if k == "cat" else [])
         owner = _owner(node)
@@ -82,13 +84,6 @@ def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list
         rows.append({"name": name, "module": owner,
                      "op": op, "inputs": [_input_quantizer(a, modules) for a in tensors],
                      "output": _output_quantizer(node, modules), "weight_bits": weight})
-    bits = {name: p.gm.get_submodule(name) for name in p.layers}
-    from .qmodel import weight_bits as wb
-
-    for row in rows:
-        if row["op"] in ("conv", "linear") and row["name"] in bits:
-            b = wb(r, p.layers.index(row["name"]), len(p.layers))
-            row["weight_bits"] = None if b == 32 else b
     return rows
 
 

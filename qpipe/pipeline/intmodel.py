@@ -553,7 +553,6 @@ class _Rewriter:
         self.count += 1
         name = f"{base.replace('.', '_')}_{self.count}"
         self.root.add_module(name, m)
-        self.add_module_name = name
         return name
 
     def call(self, base: str, m: nn.Module, *args) -> fx.Node:
@@ -642,9 +641,9 @@ class _Rewriter:
         if op == "get_attr":
             value = functools.reduce(getattr, node.target.split("."), self.gm)
             if isinstance(value, torch.Tensor) and not value.is_floating_point():  # a mask: used as it is
-                holder = self.root.get_submodule(self.add_module(node.target + "_raw", nn.Module()))
-                holder.register_buffer("value", value.detach().clone())
-                self.env[node] = self.new.get_attr(f"{self.add_module_name}.value")
+                name = self.add_module(node.target + "_raw", nn.Module())
+                self.root.get_submodule(name).register_buffer("value", value.detach().clone())
+                self.env[node] = self.new.get_attr(f"{name}.value")
                 self.meta[node] = "other"
                 return
             self.meta[node] = self.const(node)

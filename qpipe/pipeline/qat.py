@@ -41,7 +41,7 @@ from qpipe.recipe import Recipe, load_recipe, resolve_path
 from qpipe.reference import apot as ref
 
 from .apot import Levels, act_step, clip_quantize, code_scale, codes_of, normalize_weights
-from .qmodel import Prepared, _kind, edge_layers, prepare, quantize_biases, sqnr_db
+from .qmodel import Prepared, _kind, copy_alias_scales, edge_layers, prepare, quantize_biases, sqnr_db
 from .train import _shift, accuracy
 
 STATE_FILE = "qat-state.pt"
@@ -239,11 +239,7 @@ def freeze(qm: QATModel, template: nn.Module, recipe: Recipe) -> tuple[Prepared,
         else:
             aq.scale = act_step(alpha, lv)
         extra[name] = rec
-    for name in p.act:
-        aq = p.gm.get_submodule(name)
-        if aq.source is not None:
-            src = p.gm.get_submodule(aq.source)
-            aq.scale, aq.zero_point = src.scale.clone(), src.zero_point.clone()
+    copy_alias_scales(p)
     quantize_biases(p)
     return p, info, extra
 
@@ -324,7 +320,7 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
     state_path = workdir / STATE_FILE
     n = source.size("train")
     steps_per_epoch = math.ceil(n / q.batch_size)
-    weights = [prm for name, prm in qm.gm.named_parameters()]
+    weights = list(qm.gm.parameters())
     opt = torch.optim.SGD([
         {"params": weights, "lr": q.lr, "weight_decay": q.weight_decay},
         {"params": list(qm.act_alpha.parameters()), "lr": q.alpha_lr_acts, "weight_decay": q.alpha_weight_decay},

@@ -157,7 +157,7 @@ class QAdder2d(AdderConv2d):
             v = x.detach().abs().flatten()
             k = max(int(math.ceil(self.percentile / 100.0 * v.numel())), 1)
             self.act_range = torch.maximum(self.act_range, v.kthvalue(k).values.float())
-        if not frozen or m == "float" or not _active(self.qname) or (m == "observe" and not frozen):
+        if not frozen or m == "float" or not _active(self.qname):
             return super().forward(x)
         if m == "mark":  # the float adder on marked weights: the QDQ exporter expands it per group
             return adder2d(x, MarkAdder.apply(self.weight, self.qname), self.stride, self.padding, None)
@@ -544,19 +544,10 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                     continue  # a Linear read only by a residual add: the add's quantizer takes its accumulator
                 if qat and not _qat_point(node, modules):
                     continue
-                tail, nn_flag = node, (k in ("pool", "cat") and all(nonneg.get(x, False) or _kind(x, modules) == "relu"
+                nn_flag = (k in ("pool", "cat") and all(nonneg.get(x, False) or _kind(x, modules) == "relu"
                                                                    for x in node.all_input_nodes))
-                nn_flag = nn_flag or k == "softmax"
-                while len(tail.users) == 1:
-                    user = next(iter(tail.users))
-                    uk = _kind(user, modules)
-                    if uk == "bn" or (uk == "scale" and k in ("layer", "matmul")):
-                        tail = user
-                    elif uk == "relu":
-                        tail, nn_flag = user, True
-                        break
-                    else:
-                        break
+                tail, relu = _tail(node, modules, scale=k in ("layer", "matmul"))
+                nn_flag = nn_flag or relu or k == "softmax"
                 bits = a.bits
                 if k == "add" and a.residual_bits is not None and not _read_by_layer(tail, modules):
                     bits = a.residual_bits
@@ -599,24 +590,24 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
     return Prepared(gm, layers, act, layer_input, int_ops, adders)
 
 
-def _tail(node: fx.Node, modules) -> fx.Node:
-    """The node whose value a quantizer after ``node`` reads: past a following BN / constant scale / ReLU."""
+def _tail(node: fx.Node, modules, scale: bool = True) -> tuple[fx.Node, bool]:
+    """(the node whose value a quantizer after ``node`` reads, whether a ReLU lies between): past a following BN,
+    a constant scale (``scale``) and at most one ReLU."""
     tail = node
     while len(tail.users) == 1:
         user = next(iter(tail.users))
         uk = _kind(user, modules)
-        if uk in ("bn", "scale", "relu"):
-            tail = user
-            if uk == "relu":
-                break
-        else:
+        if uk == "relu":
+            return user, True
+        if not (uk == "bn" or (uk == "scale" and scale)):
             break
-    return tail
+        tail = user
+    return tail, False
 
 
 def _qat_point(node: fx.Node, modules) -> bool:
     """QAT placement: a tensor is quantized when a Conv/Linear reads it, or when it is the model output."""
-    tail = _tail(node, modules)
+    tail, _ = _tail(node, modules)
     return _read_by_layer(tail, modules) or any(u.op == "output" for u in tail.users)
 
 
@@ -804,12 +795,17 @@ def calibrate_activations(p: Prepared, recipe: Recipe, batches) -> int:
             dst = p.gm.get_submodule(op.out_q)
             dst.scale = torch.tensor(2.0**-OUT_BITS, dtype=torch.float32)
             dst.zero_point = torch.tensor(0, dtype=torch.int32)
+    copy_alias_scales(p)
+    return n
+
+
+def copy_alias_scales(p: Prepared) -> None:
+    """Quantizers after pass-through ops take their source's scale and zero point."""
     for name in p.act:
         aq = p.gm.get_submodule(name)
         if aq.source is not None:
             src = p.gm.get_submodule(aq.source)
             aq.scale, aq.zero_point = src.scale.clone(), src.zero_point.clone()
-    return n
 
 
 def freeze_int_ops(p: Prepared) -> dict[str, dict]:
