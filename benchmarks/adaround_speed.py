@@ -49,8 +49,7 @@ from qpipe.models import build_model
 from qpipe.pipeline import adaround as ada_mod
 from qpipe.pipeline.adaround import (
     BetaSchedule,
-    _module,
-    attach,
+    attached,
     find_units,
     prefix_module,
     reconstruct,
@@ -58,7 +57,7 @@ from qpipe.pipeline.adaround import (
     segment_module,
     train_step,
 )
-from qpipe.pipeline.qmodel import ActQuant, mode, prepare, quantize_weights
+from qpipe.pipeline.qmodel import mode, prepare, quantize_weights
 from qpipe.recipe import load_recipe
 from qpipe.runtime.evaluate import evaluate
 
@@ -175,36 +174,27 @@ def time_steps(p, unit, k: int, inputs, targets, recipe, warmup: int, iters: int
     """The optimisation step of ``reconstruct`` (same calls, same order), timed step by step."""
     a, gm, device = recipe.adaround, p.gm, "cpu"
     seg = segment_module(gm, unit.start, unit.nodes)
-    ada, _ = attach(gm, unit, device)
-    opt = torch.optim.Adam([w.v for w in ada.values()], lr=a.lr)
-    sched = BetaSchedule(SCHEDULE_ITERS, a.warmup, a.beta[0], a.beta[1])
-    gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + k)
     n = len(inputs.data)
     step_s, reg_steps = [], 0
     cpu0 = 0.0
-    try:
-        with mode("quant"):
-            for i in range(warmup + iters):
-                if i == warmup:
-                    cpu0 = time.process_time()
-                    wall0 = time.perf_counter()
-                # spread the timed steps over the schedule of a SCHEDULE_ITERS-step run
-                t = SCHEDULE_ITERS // 2 if i < warmup else (i - warmup) * SCHEDULE_ITERS // iters
-                t0 = time.perf_counter()
-                rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device, opt)
-                rec_v, reg_v = float(rec.detach()), float(reg.detach())  # noqa: F841 (as reconstruct syncs)
-                if i >= warmup:
-                    step_s.append(time.perf_counter() - t0)
-                    reg_steps += beta is not None
+    with attached(p, unit, device) as (ada, _), mode(gm, "quant"):
+        opt = torch.optim.Adam([w.v for w in ada.values()], lr=a.lr)
+        sched = BetaSchedule(SCHEDULE_ITERS, a.warmup, a.beta[0], a.beta[1])
+        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + k)
+        for i in range(warmup + iters):
+            if i == warmup:
+                cpu0 = time.process_time()
+                wall0 = time.perf_counter()
+            # spread the timed steps over the schedule of a SCHEDULE_ITERS-step run
+            t = SCHEDULE_ITERS // 2 if i < warmup else (i - warmup) * SCHEDULE_ITERS // iters
+            t0 = time.perf_counter()
+            rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device, opt)
+            rec_v, reg_v = float(rec.detach()), float(reg.detach())  # noqa: F841 (as reconstruct syncs)
+            if i >= warmup:
+                step_s.append(time.perf_counter() - t0)
+                reg_steps += beta is not None
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
-    finally:
-        for name in unit.layers:
-            gm.get_submodule(name).__dict__.pop("ada", None)
-        for node in unit.nodes:
-            m = _module(gm, node)
-            if isinstance(m, ActQuant):
-                m.__dict__.pop("ste", None)
     mean = statistics.fmean(step_s)
     med = statistics.median(step_s)
     return {"warmup_steps": warmup, "timed_steps": iters, "steps_with_regulariser": reg_steps,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qpipe.errors import QpipeError
+from qpipe.record import QuantRecord
 
 MANIFEST = "manifest.json"
 REQUIRED = ("recipe.yaml", "quantized.safetensors", "qparams.json", "graph.onnx", MANIFEST)
@@ -93,7 +94,13 @@ class Artifact:
 
     @property
     def qparams(self) -> dict[str, Any]:
+        """``qparams.json`` as JSON (the serialised ``record``)."""
         return self.read_json("qparams.json")
+
+    @property
+    def record(self) -> QuantRecord:
+        """The typed quantization record of the artifact."""
+        return QuantRecord.from_json(self.qparams, str(self.file("qparams.json")))
 
     def read_json(self, name: str) -> dict[str, Any]:
         try:
@@ -110,10 +117,10 @@ class Artifact:
     def add_file(self, name: str, data: bytes | str, command: str | None = None) -> Path:
         """Write one more file into the artifact and record its hash in the manifest."""
         path = write_atomic(self.file(name), data)
-        self.record([name], command)
+        self.hash_into_manifest([name], command)
         return path
 
-    def record(self, names: list[str], command: str | None = None) -> None:
+    def hash_into_manifest(self, names: list[str], command: str | None = None) -> None:
         m = self.manifest
         for name in names:
             m.setdefault("files", {})[name] = sha256(self.file(name))

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from qpipe.errors import QpipeError
+from qpipe.record import TensorKind
 
 DEFAULT_RUN = ("fp32", "w8a8", "w4a8")
 
@@ -68,7 +69,7 @@ def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batc
     over += [f"qat.batch_size={batch_size}"] if batch_size is not None else []
     art = train_qat(model, data, out, method=qat, bits=bits, recipe=recipe, init=init, overrides=over, seed=seed,
                     command=_command(), device=device)
-    q = art.qparams["qat"]
+    q = art.record.qat
     last = q["history"][-1]
     click.echo(f"wrote {art.path}: {q['method']} QAT, {q['epochs']} epochs, final train loss {last['loss']:.4f}; "
                f"next: qpipe export {art.path} && qpipe evaluate {art.path} --backend ort")
@@ -118,12 +119,12 @@ def calibrate(model, data, recipe, out, weights, overrides, seed, device):
 
     if dist.rank() != 0:
         return
-    q = art.qparams
-    n_w = sum(1 for t in q["tensors"].values() if t["kind"] == "weight")
-    n_a = sum(1 for t in q["tensors"].values() if t["kind"] == "activation")
+    q = art.record
+    n_w = sum(1 for t in q.tensors.values() if t.kind == TensorKind.WEIGHT)
+    n_a = sum(1 for t in q.tensors.values() if t.kind == TensorKind.ACTIVATION)
     click.echo(f"wrote {art.path}: {n_w} quantized weight tensors, {n_a} activation quantizers")
-    if q.get("adaround"):
-        click.echo(format_adaround(q["adaround"]))
+    if q.adaround:
+        click.echo(format_adaround(list(q.adaround)))
 
 
 def format_adaround(report: list[dict]) -> str:
@@ -228,7 +229,7 @@ def run(recipes, model, data, weights, out_root, overrides, expect_dir):
         mt = run_evaluate(art.path, backend="torch", command=_command())
         mo = run_evaluate(art.path, backend="ort", command=_command())
         rows += [{**mt, "name": name}, {**mo, "name": name}]
-        if art.qparams.get("int_graph", {}).get("available"):  # the integer-only graph too, where there is one
+        if art.record.int_graph is not None and art.record.int_graph.available:  # the integer-only graph too, where there is one
             run_export(art, "int", command=_command())
             mi = run_evaluate(art.path, backend="ort", format="int", command=_command())
             rows.append({**mi, "name": name})

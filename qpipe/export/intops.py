@@ -17,14 +17,15 @@ from onnxscript import FLOAT, INT8, INT32, INT64, UINT8, script
 from onnxscript import opset21 as op
 from onnxscript.values import Opset
 
+from qpipe.onnx_names import FUNCTIONS_OPSET as ONNX_OPSET
+from qpipe.onnx_names import PUBLIC_OPS
+from qpipe.onnx_names import QPIPE_DOMAIN as DOMAIN
+from qpipe.onnx_names import QPIPE_VERSION as VERSION
 from qpipe.reference.intops import GELU_N, INT32_MAX, OUT_BITS, SOFTMAX_N, SQRT_ITERS, SQRT_START
 
 assert SQRT_ITERS == 20, "ISqrt below unrolls exactly 20 Newton steps"
 
-DOMAIN = "ai.qpipe"
-VERSION = 1
-ONNX_OPSET = 21   # the standard opset the bodies are written in; they use nothing that changed since MIN_OPSET
-MIN_OPSET = 18    # Reduce* with axes as an input
+
 qp = Opset(DOMAIN, VERSION)
 
 
@@ -239,7 +240,7 @@ def AdderInteger(x: UINT8, w: INT8, w_mult: INT32, strides: Sequence[int], pads:
 FUNCTIONS = {f.name: f for f in (Pow2, FloorDiv, FloorShift, IMin, IMax, Clamp, Requant, IntAdd, ShiftExp, IntSoftmax, IntGELU,
                                  NewtonStep, Newton10, ISqrt, IntLayerNorm, APoTProject, AdderDistance,
                                  OneHotKernels, Adder2d, AdderInteger)}
-PUBLIC_OPS = ("Requant", "IntAdd", "IntSoftmax", "IntGELU", "IntLayerNorm", "APoTProject", "Adder2d", "AdderInteger")
+assert set(PUBLIC_OPS) <= set(FUNCTIONS), "every public ai.qpipe op has a function"
 
 
 def function_protos(opset: int = ONNX_OPSET, used: set[str] | None = None) -> list[onnx.FunctionProto]:

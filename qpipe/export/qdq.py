@@ -17,12 +17,33 @@ from safetensors.numpy import load_file
 
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
+from qpipe.onnx_names import (
+    DEFAULT_OPSET,
+    INT_GELU,
+    INT_SOFTMAX,
+    IR_VERSION,
+    MARK_ADDER,
+    MARK_DOMAIN,
+    MARK_INT_OP,
+    MIN_INT_OPSET,
+    QPIPE_DOMAIN,
+)
+from qpipe.record import (
+    ADDER_BITS,
+    CLAMP_BIAS,
+    GROUP,
+    GROUP_SCALE,
+    WEIGHT_INT,
+    Encoding,
+    IntOpRecord,
+    QuantRecord,
+    TensorKind,
+    int_key,
+    state_key,
+)
 
 from . import intops as intops_onnx
 
-MARK_DOMAIN = "qpipe.mark"
-DEFAULT_OPSET = 21
-IR_VERSION = 10          # onnxruntime 1.2x/1.3x refuse the IR version 14 that onnx.helper writes by default
 FORMATS = ("qdq", "fp32", "int", "all")
 LAYOUTS = ("u8", "s8")   # activation container: uint8 (fast on x86) or int8
 # onnxruntime's x86 u8 x s8 kernels (VPMADDUBSW) add pairs of products in int16 with saturation:
@@ -38,9 +59,9 @@ def _load(path: Path) -> onnx.ModelProto:
         raise QpipeError(f"{path} is not a readable ONNX file ({type(e).__name__})") from e
 
 
-def _act_layout(rec: dict, layout: str):
-    """(onnx dtype, zero point, shift) for an activation record in ``layout``; shift maps q to the container."""
-    signed, bits, z = rec["signed"], rec["bits"], int(rec["zero_point"])
+def _act_layout(rec: Encoding, layout: str):
+    """(onnx dtype, zero point, shift) for an activation encoding in ``layout``; shift maps q to the container."""
+    signed, bits, z = rec.signed, rec.bits, int(rec.zero_point)
     if bits > 8:  # 16-bit residual stream (opset 21)
         return (TensorProto.INT16, np.int16(z), 0) if signed else (TensorProto.UINT16, np.uint16(z), 0)
     if layout == "u8":
@@ -102,7 +123,7 @@ def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bo
     return "int8"
 
 
-def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray], *, layout: str = "u8",
+def build_qdq(graph: onnx.ModelProto, record: QuantRecord, ints: dict[str, np.ndarray], *, layout: str = "u8",
               opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "auto",
               int4: bool = True, state: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Replace the Mark nodes of ``graph``. ``strip_only`` gives the plain float model (marks dropped)."""
@@ -111,16 +132,16 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     b = _Builder(model)
-    tensors = qparams["tensors"]
+    tensors = record.tensors
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     out_nodes = []
-    intops = qparams.get("intops") or {}
+    intops = record.intops
     adder_weights: dict[str, str] = {}   # output of an Adder mark -> the adder layer's name
     for node in model.graph.node:
-        if node.domain == intops_onnx.DOMAIN and node.op_type == "Adder2d" and node.input[1] in adder_weights:
+        if node.domain == QPIPE_DOMAIN and node.op_type == "Adder2d" and node.input[1] in adder_weights:
             out_nodes.extend(_adder_nodes(b, adder_weights[node.input[1]], node, state or {}, strip_only))
             continue
         if node.domain != MARK_DOMAIN:
@@ -128,10 +149,10 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
             continue
         name = next(a.s.decode() for a in node.attribute if a.name == "name")
         x, y = node.input[0], node.output[0]
-        if node.op_type == "Adder":
+        if node.op_type == MARK_ADDER:
             adder_weights[y] = name
             continue
-        if node.op_type == "IntOp":
+        if node.op_type == MARK_INT_OP:
             if name not in intops:
                 raise QpipeError(f"graph.onnx has the integer op {name!r}, which qparams.json does not record")
             out_nodes.extend(int_op_nodes(b, name, intops[name], tensors, x, y, layout, float_only=strip_only,
@@ -143,19 +164,19 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
         rec = tensors.get(name)
         if rec is None:
             raise QpipeError(f"graph.onnx marks {name!r}, which qparams.json does not record")
-        if rec["kind"] in ("weight", "bias"):
-            key = name + "_int"
+        if rec.kind in (TensorKind.WEIGHT, TensorKind.BIAS):
+            key = int_key(name)
             if key not in ints:
                 raise QpipeError(f"quantized.safetensors has no {key}")
             q = ints[key]
-            axis = rec["axis"]
-            scale = np.asarray(rec["scale"], dtype=np.float32)
-            if rec["kind"] == "weight":
+            axis = rec.axis
+            scale = np.asarray(rec.scale, dtype=np.float32)
+            if rec.kind == TensorKind.WEIGHT:
                 users = [u.op_type for u in consumers.get(y, [])]
-                layer = qparams["layers"].get(name.removesuffix(".weight"), {})
-                container = weight_container(q, rec["bits"], users, layer.get("input") is not None, layout, opset,
-                                             weight_layout, int4)
-                t, zt = _weight_tensors(name, q, np.asarray(rec["zero_point"]), rec["bits"], container)
+                layer = record.layers.get(name.removesuffix(".weight"))
+                fused_input = layer is not None and layer.input is not None
+                container = weight_container(q, rec.bits, users, fused_input, layout, opset, weight_layout, int4)
+                t, zt = _weight_tensors(name, q, np.asarray(rec.zero_point), rec.bits, container)
             else:
                 t = numpy_helper.from_array(q.astype(np.int32), f"{name}_quantized")
                 zp = np.zeros(scale.shape, dtype=np.int32)
@@ -166,12 +187,12 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
             attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
             out_nodes.append(helper.make_node("DequantizeLinear", [t.name, f"{name}_scale", zt.name], [y],
                                               name=f"{name}/DequantizeLinear", **attrs))
-        elif rec.get("levels") == "apot":
+        elif rec.apot:
             out_nodes.extend(_apot_nodes(b, name, rec, x, y))
         else:
             dt, zp, shift = _act_layout(rec, layout)
-            bits, scale = rec["bits"], np.float32(rec["scale"])
-            qmin = (-(2 ** (bits - 1)) if rec["signed"] else 0) + shift
+            bits, scale = rec.bits, np.float32(rec.scale)
+            qmin = rec.qmin + shift
             qmax = qmin + 2**bits - 1
             b.add_init(f"{name}_scale", np.array(scale, dtype=np.float32))
             zname = f"{name}_zero_point_{layout}"
@@ -203,9 +224,9 @@ def build_qdq(graph: onnx.ModelProto, qparams: dict, ints: dict[str, np.ndarray]
     del model.opset_import[:]
     model.opset_import.extend(opsets)
     del model.functions[:]
-    uses_int = any(n.domain == intops_onnx.DOMAIN for n in model.graph.node)
-    if uses_int and opset < intops_onnx.MIN_OPSET:
-        raise QpipeError(f"integer ops (recipe ops.*: int) need --opset {intops_onnx.MIN_OPSET} or higher, got {opset}")
+    uses_int = any(n.domain == QPIPE_DOMAIN for n in model.graph.node)
+    if uses_int and opset < MIN_INT_OPSET:
+        raise QpipeError(f"integer ops (recipe ops.*: int) need --opset {MIN_INT_OPSET} or higher, got {opset}")
     return _finish(model, opset, with_functions=uses_int)
 
 
@@ -217,10 +238,11 @@ def _adder_nodes(b: _Builder, name: str, node: onnx.NodeProto, state: dict, floa
     x, y = node.input[0], node.output[0]
     if float_only:
         w = b.add_init(f"{name}.weight", state[f"{name}.weight"].astype(np.float32))
-        return [helper.make_node("Adder2d", [x, w], [y], domain=intops_onnx.DOMAIN, name=f"{name}/Adder2d", **attrs)]
+        return [helper.make_node("Adder2d", [x, w], [y], domain=QPIPE_DOMAIN, name=f"{name}/Adder2d", **attrs)]
     try:
-        codes, group = state[f"{name}.weight_int"], state[f"{name}.group"]
-        scales, bias, bits = state[f"{name}.group_scale"], state[f"{name}.clamp_bias"], int(state[f"{name}.bits"])
+        codes, group = state[state_key(name, WEIGHT_INT)], state[state_key(name, GROUP)]
+        scales, bias = state[state_key(name, GROUP_SCALE)], state[state_key(name, CLAMP_BIAS)]
+        bits = int(state[state_key(name, ADDER_BITS)])
     except KeyError as e:
         raise QpipeError(f"quantized.safetensors has no {e.args[0]} for the adder layer {name}") from e
     nodes, outs, order = [], [], []
@@ -243,7 +265,7 @@ def _adder_nodes(b: _Builder, name: str, node: onnx.NodeProto, state: dict, floa
         ws = b.add_init(p + "weight_step", np.array(np.float32(2) * step))
         wz = b.add_init(p + "weight_zero_point", np.array(np.int8(0)))
         nodes += [helper.make_node("DequantizeLinear", [wq, ws, wz], [p + "w"], name=p + "WeightDequantizeLinear"),
-                  helper.make_node("Adder2d", [p + "x", p + "w"], [p + "acc"], domain=intops_onnx.DOMAIN,
+                  helper.make_node("Adder2d", [p + "x", p + "w"], [p + "acc"], domain=QPIPE_DOMAIN,
                                    name=p + "Adder2d", **attrs),
                   helper.make_node("Add", [p + "acc", b.add_init(p + "bias", bias[sel].astype(np.float32).reshape(
                       1, -1, 1, 1))], [p + "y"], name=p + "ClampBias")]
@@ -259,65 +281,65 @@ def _adder_nodes(b: _Builder, name: str, node: onnx.NodeProto, state: dict, floa
     return nodes
 
 
-def _apot_nodes(b: _Builder, name: str, rec: dict, x: str, y: str) -> list[onnx.NodeProto]:
+def _apot_nodes(b: _Builder, name: str, rec: Encoding, x: str, y: str) -> list[onnx.NodeProto]:
     """APoT activation levels: ai.qpipe APoTProject (fine cell, then the nearest-level table) -> uint8 codes ->
     DequantizeLinear at alpha / D: the exact values of the PyTorch Q-model."""
-    step = b.add_init(f"{name}_fine_step", np.array(np.float32(rec["fine_step"])))
-    table = b.add_init(f"{name}_table", np.asarray(rec["table"], dtype=np.int64))
-    scale = b.add_init(f"{name}_scale", np.array(np.float32(rec["scale"])))
+    step = b.add_init(f"{name}_fine_step", np.array(np.float32(rec.levels.fine_step)))
+    table = b.add_init(f"{name}_table", np.asarray(rec.levels.table, dtype=np.int64))
+    scale = b.add_init(f"{name}_scale", np.array(np.float32(rec.scale)))
     zp = b.add_init(f"{name}_zero_point_apot", np.array(np.uint8(0)))
-    return [helper.make_node("APoTProject", [x, step, table], [f"{y}/codes"], domain=intops_onnx.DOMAIN,
+    return [helper.make_node("APoTProject", [x, step, table], [f"{y}/codes"], domain=QPIPE_DOMAIN,
                              name=f"{y}/APoTProject"),
             helper.make_node("Cast", [f"{y}/codes"], [f"{y}/quantized"], to=TensorProto.UINT8, name=f"{y}/Cast"),
             helper.make_node("DequantizeLinear", [f"{y}/quantized", scale, zp], [y], name=f"{y}/DequantizeLinear")]
 
 
-def int_op_nodes(b: _Builder, name: str, rec: dict, tensors: dict, x: str, y: str, layout: str,
-                 float_only: bool = False, state: dict | None = None) -> list[onnx.NodeProto]:
+def int_op_nodes(b: _Builder, name: str, rec: IntOpRecord, tensors: dict[str, Encoding], x: str, y: str,
+                 layout: str, float_only: bool = False, state: dict | None = None) -> list[onnx.NodeProto]:
     """Q (input grid) -> Cast int64 -> ai.qpipe op -> Cast float -> times the op's output scale: the exact
     float values that the PyTorch Q-model computes. ``float_only``: the float op instead (the fp32 model)."""
-    op = rec["op"]
+    op = rec.op
     if float_only:
         return [_float_op(b, name, rec, x, y, state or {})]
-    src = tensors[rec["input"]]
+    src = tensors[rec.input]
     dt, zp, shift = _act_layout(src, layout)
-    zname = b.add_init(f"{rec['input']}_zero_point_{layout}", np.array(zp))
-    sname = b.add_init(f"{rec['input']}_scale", np.array(src["scale"], dtype=np.float32))
+    zname = b.add_init(f"{rec.input}_zero_point_{layout}", np.array(zp))
+    sname = b.add_init(f"{rec.input}_scale", np.array(src.scale, dtype=np.float32))
     p = f"{name}/"
     nodes = [helper.make_node("QuantizeLinear", [x, sname, zname], [p + "q"], name=p + "QuantizeLinear"),
              helper.make_node("Cast", [p + "q"], [p + "q64"], to=TensorProto.INT64, name=p + "Cast"),
              helper.make_node("Sub", [p + "q64", b.add_init(p + "zin", np.array(int(zp), dtype=np.int64))],
                               [p + "x"], name=p + "SubZeroPoint")]
     c = lambda n, v: b.add_init(p + n, np.asarray(v, dtype=np.int64))
-    if op in ("IntSoftmax", "IntGELU"):
-        nodes.append(helper.make_node(op, [p + "x", c("x0", rec["x0"])], [p + "y"], domain=intops_onnx.DOMAIN,
+    if op in (INT_SOFTMAX, INT_GELU):
+        nodes.append(helper.make_node(op, [p + "x", c("x0", rec.x0)], [p + "y"], domain=QPIPE_DOMAIN,
                                       name=p + op))
         zero_out = None
     else:
-        nodes.append(helper.make_node(op, [p + "x", c("m", rec["m"]), c("k", rec["k"]), c("b", rec["b"]),
-                                           c("z", rec["zero_point"]), c("qmin", rec["qmin"]), c("qmax", rec["qmax"])],
-                                      [p + "y"], domain=intops_onnx.DOMAIN, name=p + op))
-        zero_out = c("zout", rec["zero_point"])
+        nodes.append(helper.make_node(op, [p + "x", c("m", rec.m), c("k", rec.k), c("b", rec.b),
+                                           c("z", rec.zero_point), c("qmin", rec.qmin), c("qmax", rec.qmax)],
+                                      [p + "y"], domain=QPIPE_DOMAIN, name=p + op))
+        zero_out = c("zout", rec.zero_point)
     last = p + "y"
     if zero_out is not None:
         nodes.append(helper.make_node("Sub", [last, zero_out], [p + "yc"], name=p + "SubOutZeroPoint"))
         last = p + "yc"
     nodes.append(helper.make_node("Cast", [last], [p + "yf"], to=TensorProto.FLOAT, name=p + "CastFloat"))
-    if op == "IntGELU":  # float32(s_in) * 2^-8, as the PyTorch model multiplies
-        out_scale = np.float32(np.float32(src["scale"]) * np.float32(2.0**-8))
+    if op == INT_GELU:  # float32(s_in) * 2^-8, as the PyTorch model multiplies
+        out_scale = np.float32(np.float32(src.scale) * np.float32(2.0**-8))
     else:
-        out_scale = np.float32(rec["output_scale"])
+        out_scale = np.float32(rec.output_scale)
     nodes.append(helper.make_node("Mul", [p + "yf", b.add_init(p + "out_scale", np.array(out_scale))], [y],
                                   name=p + "Scale"))
     return nodes
 
 
-def _float_op(b: _Builder, name: str, rec: dict, x: str, y: str, state: dict) -> onnx.NodeProto:
+def _float_op(b: _Builder, name: str, rec: IntOpRecord, x: str, y: str, state: dict) -> onnx.NodeProto:
     """The float op an integer op replaced (for ``model.fp32.onnx`` of an artifact with integer ops)."""
-    op = rec["op"]
-    if op == "IntSoftmax":
+    op = rec.op
+    if op == INT_SOFTMAX:
         return helper.make_node("Softmax", [x], [y], axis=-1, name=f"{name}/Softmax")
-    if op == "IntGELU":
+    if op == INT_GELU:
         return helper.make_node("Gelu", [x], [y], name=f"{name}/Gelu")
     w, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
     if w is None:
@@ -325,7 +347,7 @@ def _float_op(b: _Builder, name: str, rec: dict, x: str, y: str, state: dict) ->
     inputs = [x, b.add_init(f"{name}.weight", w.astype(np.float32))]
     if bias is not None:
         inputs.append(b.add_init(f"{name}.bias", bias.astype(np.float32)))
-    return helper.make_node("LayerNormalization", inputs, [y], axis=-1, epsilon=rec.get("eps", 1e-5),
+    return helper.make_node("LayerNormalization", inputs, [y], axis=-1, epsilon=rec.eps if rec.eps is not None else 1e-5,
                             name=f"{name}/LayerNorm")
 
 
@@ -344,7 +366,7 @@ def _finish(model: onnx.ModelProto, opset: int, with_functions: bool = False) ->
     model.producer_name = "qpipe"
     del model.graph.value_info[:]
     if with_functions:
-        used = {n.op_type for n in model.graph.node if n.domain == intops_onnx.DOMAIN}
+        used = {n.op_type for n in model.graph.node if n.domain == QPIPE_DOMAIN}
         model.functions.extend(intops_onnx.function_protos(opset, used))
     model = simplify(model)
     onnx.checker.check_model(model, full_check=True)
@@ -362,15 +384,16 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
-def build_int(art: Artifact, qparams: dict, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_int(art: Artifact, record: QuantRecord, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """``model.int.onnx``: the integer graph that calibrate exported from the PyTorch integer model, with the
     ai.qpipe functions inside, at ``opset``, checked and simplified."""
-    info = qparams.get("int_graph") or {}
-    if not info.get("available"):
-        why = info.get("reason", "it was calibrated before qpipe wrote integer graphs; calibrate it again")
+    info = record.int_graph
+    if info is None or not info.available:
+        why = info.reason if info is not None else \
+            "it was calibrated before qpipe wrote integer graphs; calibrate it again"
         raise QpipeError(f"{art.path} has no integer-only graph: {why}")
-    if opset < intops_onnx.MIN_OPSET:
-        raise QpipeError(f"the integer-only graph needs --opset {intops_onnx.MIN_OPSET} or higher, got {opset}")
+    if opset < MIN_INT_OPSET:
+        raise QpipeError(f"the integer-only graph needs --opset {MIN_INT_OPSET} or higher, got {opset}")
     model = _load(art.file("graph.int.onnx"))
     return _finish(model, opset, with_functions=True)
 
@@ -389,21 +412,21 @@ def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DE
     if weight_layout not in WEIGHT_LAYOUTS:
         raise QpipeError(f"unknown weight layout {weight_layout!r}; use one of {WEIGHT_LAYOUTS}")
     graph = _load(art.file("graph.onnx"))
-    qparams = art.qparams
+    record = art.record
     try:
         state = load_file(str(art.file("quantized.safetensors")))
-        ints = {k: v for k, v in state.items() if k.endswith("_int")}
+        ints = {k: v for k, v in state.items() if k.endswith(int_key(""))}
     except Exception as e:
         raise QpipeError(f"{art.file('quantized.safetensors')} is not a readable safetensors file") from e
     written = []
-    has_int = bool(qparams.get("int_graph", {}).get("available"))
+    has_int = record.int_graph is not None and record.int_graph.available
     todo = {"qdq": ["qdq"], "fp32": ["fp32"], "int": ["int"],
             "all": ["qdq", "fp32"] + (["int"] if has_int else [])}[format]
     for f in todo:
         if f == "int":
-            model = build_int(art, qparams, opset)
+            model = build_int(art, record, opset)
         else:
-            model = build_qdq(graph, qparams, ints, layout=layout, opset=opset, strip_only=(f == "fp32"),
+            model = build_qdq(graph, record, ints, layout=layout, opset=opset, strip_only=(f == "fp32"),
                               weight_layout=weight_layout, int4=int4, state=state)
         name = f"model.{f}.onnx"
         model.doc_string = json.dumps({"qpipe_format": f, "layout": layout, "weight_layout": weight_layout,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpipe.onnx_names import QPIPE_DOMAIN as ONNX_DOMAIN
 from qpipe.reference.adder import ETA
 
 BLOCK_ELEMS = 1 << 22   # patch elements (and patch x filter elements in the backward) per block: 16 MiB float32
@@ -73,7 +74,6 @@ def adder2d_forward(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: 
     return out
 
 
-ONNX_DOMAIN = "ai.qpipe"
 
 
 class _Adder2d(torch.autograd.Function):

@@ -11,6 +11,7 @@ model; both are computed once and cached (in memory up to a budget, then memory-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,10 +65,12 @@ class BetaSchedule:
         return self.end + (self.start - self.end) * max(0.0, 1.0 - rel)
 
 
-class AdaRoundWeight:
-    """The learnable rounding of one layer: w_soft = s * (clamp(floor(w/s) + z + h(V), qmin, qmax) - z)."""
+class AdaRoundWeight(torch.nn.Module):
+    """The learnable rounding of one layer: w_soft = s * (clamp(floor(w/s) + z + h(V), qmin, qmax) - z).
+    ``attached`` registers it as the layer's ``ada`` submodule while the unit is reconstructed."""
 
     def __init__(self, m, device, qmin: int, qmax: int):
+        super().__init__()
         self.qmin, self.qmax = qmin, qmax
         axis_shape = [-1] + [1] * (m.weight.ndim - 1)
         self.s = (m.weight_scale.double().reshape(axis_shape) if m.weight_scale.ndim
@@ -235,7 +238,7 @@ class Cache:
 @torch.no_grad()
 def _fill(module, images: torch.Tensor, cache_mode: str, batch: int, budget: int, path: Path, device) -> Cache:
     cache = None
-    with mode(cache_mode):
+    with mode(module, cache_mode):
         for i in range(0, len(images), batch):
             y = module(images[i: i + batch].to(device)).float().cpu()
             if cache is None:
@@ -244,8 +247,8 @@ def _fill(module, images: torch.Tensor, cache_mode: str, batch: int, budget: int
     return cache
 
 
-def _grid(m) -> tuple[int, int]:
-    bits = m.weight_bits  # weights use the signed grid, symmetric or not
+def _grid(bits: int) -> tuple[int, int]:
+    """The signed b-bit grid that weights use, symmetric or not."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
@@ -258,32 +261,43 @@ def recon_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device) -> float:
     tot = 0.0
-    with mode("quant"):
+    with mode(seg, "quant"):
         for i in range(0, n, batch):
             idx = torch.arange(i, min(i + batch, n))
             tot += float(F.mse_loss(seg(inputs.get(idx).to(device)), targets.get(idx).to(device), reduction="sum"))
     return tot / (n * int(np.prod(targets.data.shape[1:])))
 
 
-def attach(gm: fx.GraphModule, unit: Unit, device, lsq: bool = False):
-    """Put the unit into learning state: soft AdaRound weights on its layers, straight-through quantizers, and
-    (with ``lsq``) learnable activation steps. Returns ({layer: AdaRoundWeight}, [LSQ step parameters])."""
-    ada = {}
-    for name in unit.layers:
-        m = gm.get_submodule(name)
-        ada[name] = m.__dict__["ada"] = AdaRoundWeight(m, device, *_grid(m))
+@contextlib.contextmanager
+def attached(p: Prepared, unit: Unit, device, lsq: bool = False):
+    """The unit in learning state inside the block: soft AdaRound weights on its layers (an ``ada`` submodule),
+    straight-through quantizers, and (with ``lsq``) learnable activation steps (an ``lsq_scale`` parameter, whose
+    value becomes the quantizer's scale on exit). Yields ({layer: AdaRoundWeight}, [LSQ step parameters])."""
+    gm = p.gm
+    ada: dict[str, AdaRoundWeight] = {}
     steps = []
-    for name in unit.act if lsq else []:
-        aq = gm.get_submodule(name)
-        if aq.fixed:  # IntSoftmax's output grid (2^-8) is part of the op, not a step to learn
-            continue
-        aq.__dict__["lsq_scale"] = torch.nn.Parameter(aq.scale.detach().clone().float())
-        steps.append(aq.lsq_scale)
-    for node in unit.nodes:
-        m = _module(gm, node)
-        if isinstance(m, ActQuant):
-            m.__dict__["ste"] = True
-    return ada, steps
+    quantizers = [m for n in unit.nodes if isinstance(m := _module(gm, n), ActQuant)]
+    try:
+        for name in unit.layers:
+            m = gm.get_submodule(name)
+            m.ada = ada[name] = AdaRoundWeight(m, device, *_grid(p.weight_bits[name]))
+        for name in unit.act if lsq else []:
+            aq = gm.get_submodule(name)
+            if aq.fixed:  # IntSoftmax's output grid (2^-8) is part of the op, not a step to learn
+                continue
+            aq.lsq_scale = torch.nn.Parameter(aq.scale.detach().clone().float())
+            steps.append(aq.lsq_scale)
+        for aq in quantizers:
+            aq.ste = True
+        yield ada, steps
+    finally:
+        for name in ada:
+            del gm.get_submodule(name).ada
+        for aq in quantizers:
+            aq.ste = False
+            if "lsq_scale" in aq._parameters:
+                aq.scale = aq.lsq_scale.detach().float().clone()
+                del aq.lsq_scale
 
 
 def train_step(seg, inputs: Cache, targets: Cache, weights: list[AdaRoundWeight], a, beta: float | None,
@@ -348,44 +362,37 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
         n = len(images)
         before = _mse(seg, inputs, targets, n, 64, device)
         nearest = {name: gm.get_submodule(name).weight_int.clone() for name in unit.layers}
-        ada, lsq = attach(gm, unit, device, a.lsq)
-        opt = torch.optim.Adam([w.v for w in ada.values()], lr=a.lr)
-        opt_s = torch.optim.Adam(lsq, lr=a.lsq_lr) if lsq else None
-        sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=a.iters, eta_min=0.0) if lsq else None
-        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + k)
-        bar = tqdm(range(a.iters), desc=f"adaround {k + 1}/{len(units)} {unit.name}", leave=False,
-                   disable=None if progress else True, mininterval=0.5)
-        rec_v = reg_v = 0.0
-        iters_run = 0
-        with mode("quant"):
-            for t in bar:
-                rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device,
-                                            opt, opt_s)
-                if opt_s:
-                    sched_s.step()
-                    for s in lsq:
-                        s.data.clamp_(min=1e-8)
-                iters_run = t + 1
-                rec_v, reg_v = float(rec.detach()), float(reg.detach())
-                if t % 50 == 0:
-                    bar.set_postfix(rec=f"{rec_v:.3g}", reg=f"{reg_v:.3g}")
-                if beta is not None and reg_v < a.early_stop:
-                    break
-        bar.close()
-        changed = total = 0
-        for name, w in ada.items():
-            m = gm.get_submodule(name)
-            q = w.hard()
-            m.weight_int = q.to(torch.int8)
-            changed += int((m.weight_int != nearest[name]).sum())
-            total += q.numel()
-            del m.__dict__["ada"]
-        for node in unit.nodes:
-            m = _module(gm, node)
-            if isinstance(m, ActQuant):
-                m.__dict__.pop("ste", None)
-                if "lsq_scale" in m.__dict__:
-                    m.scale = m.__dict__.pop("lsq_scale").detach().float().clone()
+        with attached(p, unit, device, a.lsq) as (ada, lsq):
+            opt = torch.optim.Adam([w.v for w in ada.values()], lr=a.lr)
+            opt_s = torch.optim.Adam(lsq, lr=a.lsq_lr) if lsq else None
+            sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=a.iters, eta_min=0.0) if lsq else None
+            gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + k)
+            bar = tqdm(range(a.iters), desc=f"adaround {k + 1}/{len(units)} {unit.name}", leave=False,
+                       disable=None if progress else True, mininterval=0.5)
+            rec_v = reg_v = 0.0
+            iters_run = 0
+            with mode(gm, "quant"):
+                for t in bar:
+                    rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device,
+                                                opt, opt_s)
+                    if opt_s:
+                        sched_s.step()
+                        for s in lsq:
+                            s.data.clamp_(min=1e-8)
+                    iters_run = t + 1
+                    rec_v, reg_v = float(rec.detach()), float(reg.detach())
+                    if t % 50 == 0:
+                        bar.set_postfix(rec=f"{rec_v:.3g}", reg=f"{reg_v:.3g}")
+                    if beta is not None and reg_v < a.early_stop:
+                        break
+            bar.close()
+            changed = total = 0
+            for name, w in ada.items():
+                m = gm.get_submodule(name)
+                q = w.hard()
+                m.weight_int = q.to(torch.int8)
+                changed += int((m.weight_int != nearest[name]).sum())
+                total += q.numel()
         _sync_shared(p)
         after = _mse(seg, inputs, targets, n, 64, device)
         inputs.close()

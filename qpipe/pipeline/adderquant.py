@@ -20,28 +20,28 @@ import torch
 from torch import nn
 
 from qpipe.errors import QpipeError
+from qpipe.record import AdderGroup, AdderRecord
 from qpipe.reference import adder as ref
 
-from .qmodel import _STATE, Prepared, mode, only_quantize, sqnr_db
+from .qmodel import Prepared, mode, observing, only_quantize, sqnr_db
 
 
 @torch.no_grad()
 def observe_ranges(p: Prepared, batches) -> int:
     """Step 1: the float model over ``batches``; each adder layer keeps its running-max range r."""
     n = 0
-    with mode("observe"):
+    with observing(p.gm) as state:
         for x, _ in batches:
-            _STATE["batch"] = n
+            state.batch = n
             p.gm(x)
             n += len(x)
-    _STATE.pop("batch", None)
     if n == 0:
         raise QpipeError("calibration data is empty")
     return n
 
 
 @torch.no_grad()
-def freeze_adders(p: Prepared, recipe) -> dict[str, dict]:
+def freeze_adders(p: Prepared, recipe) -> dict[str, AdderRecord]:
     """Step 2: groups, scales, integer weight codes and clamp biases of every adder layer; returns the record for
     ``qparams.json["adders"]``."""
     a = recipe.adder
@@ -61,11 +61,9 @@ def freeze_adders(p: Prepared, recipe) -> dict[str, dict]:
         m.bits = torch.tensor(a.bits)
         wq = torch.as_tensor(codes, dtype=torch.float32) * (2 * m.steps()[m.group]).reshape(-1, 1, 1, 1)
         clipped = int((bias < 0).sum())
-        record[name] = {"input": p.layer_input.get(name), "bits": a.bits, "method": a.method, "range": r,
-                        "groups": [{"scale": float(scales[g]), "filters": int((ids == g).sum())}
-                                   for g in range(len(scales))],
-                        "clamped_filters": clipped, "weight_sqnr_db": sqnr_db(m.weight, wq),
-                        "stride": m.stride, "padding": m.padding}
+        groups = tuple(AdderGroup(float(scales[g]), int((ids == g).sum())) for g in range(len(scales)))
+        record[name] = AdderRecord(p.layer_input.get(name), a.bits, a.method, r, groups, clipped,
+                                   sqnr_db(m.weight, wq), m.stride, m.padding)
     return record
 
 
@@ -82,7 +80,7 @@ def reestimate_bn(p: Prepared, batches) -> int:
         m.train()
     n = 0
     try:
-        with mode("quant"), only_quantize(p.adders):
+        with mode(p.gm, "quant"), only_quantize(p.gm, p.adders):
             for x, _ in batches:
                 p.gm(x)
                 n += len(x)

@@ -16,7 +16,9 @@ from torch import fx, nn
 import qpipe
 from qpipe.artifact import Artifact, hash_files, staging_dir, write_atomic, write_json
 from qpipe.errors import QpipeError
+from qpipe.onnx_names import TORCHSCRIPT_OPSET as OPSET_GRAPH
 from qpipe.recipe import Recipe, dump_recipe, load_recipe
+from qpipe.record import Encoding, IntGraph, LayerRecord, QuantRecord, TensorKind
 
 from .qmodel import (
     ActQuant,
@@ -30,8 +32,6 @@ from .qmodel import (
     weight_sqnr,
 )
 
-OPSET_GRAPH = 20  # the TorchScript exporter's highest opset; the QDQ exporter converts to its own opset
-
 
 def _output_quantizer(p: Prepared) -> str | None:
     out = next(n for n in p.gm.graph.nodes if n.op == "output")
@@ -41,39 +41,42 @@ def _output_quantizer(p: Prepared) -> str | None:
     return None
 
 
-def qparams_record(p: Prepared, recipe: Recipe, weight_info: dict, input_shape) -> dict:
+def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float], input_shape) -> QuantRecord:
+    """The typed record of a frozen Q-model: every quantized tensor's encoding and every layer's input."""
     tensors, layers = {}, {}
     w = recipe.weights
     for name in p.layers:
         m = p.gm.get_submodule(name)
-        entry = {"op": "Conv" if m.weight.ndim == 4 else "Gemm", "weight_bits": 32, "input": p.layer_input[name]}
         if m.weight_int is not None:
             per_channel = m.weight_scale.ndim == 1
-            entry.update(weight_bits=weight_info[name]["bits"], sqnr_db=weight_info[name]["sqnr_db"])
-            tensors[f"{name}.weight"] = {
-                "kind": "weight", "bits": weight_info[name]["bits"], "signed": True, "symmetric": w.symmetric,
-                "axis": 0 if per_channel else None, "scale": m.weight_scale.tolist(),
-                "zero_point": m.weight_zero_point.tolist(), "rounding": w.rounding, "observer": w.observer,
-                "shape": list(m.weight.shape)}
+            tensors[f"{name}.weight"] = Encoding(
+                TensorKind.WEIGHT, p.weight_bits[name], signed=True, symmetric=w.symmetric,
+                axis=0 if per_channel else None, scale=_numbers(m.weight_scale, float),
+                zero_point=_numbers(m.weight_zero_point, int), rounding=w.rounding, observer=w.observer,
+                shape=tuple(m.weight.shape))
         if m.bias_int is not None:
-            tensors[f"{name}.bias"] = {"kind": "bias", "bits": 32, "signed": True, "symmetric": True, "axis": 0,
-                                       "scale": m.bias_scale.tolist(), "zero_point": 0, "rounding": "nearest"}
-        layers[name] = entry
+            tensors[f"{name}.bias"] = Encoding(TensorKind.BIAS, 32, signed=True, symmetric=True, axis=0,
+                                               scale=_numbers(m.bias_scale, float), zero_point=0, rounding="nearest")
+        layers[name] = LayerRecord("Conv" if m.weight.ndim == 4 else "Gemm", p.layer_input[name],
+                                   weight_sqnr_db.get(name) if m.weight_int is not None else None)
     for name in p.act:
         aq = p.gm.get_submodule(name)
         if aq.source is None:
-            tensors[name] = {"kind": "activation", "bits": aq.spec.bits, "signed": aq.spec.signed,
-                             "symmetric": aq.spec.symmetric, "axis": None, "scale": float(aq.scale),
-                             "zero_point": int(aq.zero_point), "observer": recipe.activations.observer}
-    return {"format": 1, "input_shape": list(input_shape), "output_quantizer": _output_quantizer(p),
-            "tensors": tensors, "layers": layers}
+            tensors[name] = Encoding(TensorKind.ACTIVATION, aq.spec.bits, aq.spec.signed, aq.spec.symmetric, None,
+                                     float(aq.scale), int(aq.zero_point), observer=recipe.activations.observer)
+    return QuantRecord(tuple(input_shape), _output_quantizer(p), tensors, layers)
+
+
+def _numbers(t: torch.Tensor, kind):
+    """A tensor's values as a tuple (1-D) or one number (0-D), as the record keeps them."""
+    return tuple(kind(v) for v in t.tolist()) if t.ndim else kind(t.item())
 
 
 def export_graph(p: Prepared, input_shape) -> bytes:
     """The float graph with Mark nodes, via the TorchScript exporter (it keeps parameter names)."""
     buf = io.BytesIO()
     dummy = torch.zeros((2, *input_shape))
-    with warnings.catch_warnings(), mode("mark"), torch.no_grad():
+    with warnings.catch_warnings(), mode(p.gm, "mark"), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(p.gm, (dummy,), buf, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
@@ -153,18 +156,13 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         report = reconstruct(p, recipe, images, workdir, key, device=device, progress=progress,
                              cache_mb=recipe.adaround.cache_mb)
         n = n or len(images)
-        weight_info = {name: {"bits": info["bits"],
-                              "sqnr_db": weight_sqnr(p.gm.get_submodule(name))} for name, info in weight_info.items()}
+        weight_info = {name: weight_sqnr(p.gm.get_submodule(name)) for name in weight_info}
     quantize_biases(p)
     int_ops = freeze_int_ops(p)
     p.gm.cpu()
     shape = tuple(source.input_shape)
-    record = qparams_record(p, recipe, weight_info, shape)
-    record["intops"] = int_ops
-    if adders is not None:
-        record["adders"] = adders
-    if report is not None:
-        record["adaround"] = report
+    record = qparams_record(p, recipe, weight_info, shape).replace(
+        intops=int_ops, adders=adders, adaround=tuple(report) if report is not None else None)
     write_artifact(out, p, recipe, record, shape, model_spec=model_spec, weights=weights, data=data, images=n,
                    command=command or "qpipe.calibrate()")
     if workdir.exists():
@@ -175,7 +173,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     return Artifact(out)
 
 
-def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: dict, shape, *, model_spec, weights,
+def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: QuantRecord, shape, *, model_spec, weights,
                    data, images: int, command: str, int_graph_reason: str | None = None,
                    extra_files: dict[str, bytes] | None = None) -> None:
     """Export the graphs of the frozen Q-model ``p`` and write the artifact folder ``out`` (staged, renamed)."""
@@ -190,13 +188,12 @@ def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: dict, s
             int_graph = export_int_graph(to_int(p.gm, shape), shape)
         except QpipeError as e:  # recorded: qpipe export --format int says why
             int_graph_reason = str(e)
-    record["int_graph"] = {"available": True} if int_graph is not None else {"available": False,
-                                                                            "reason": int_graph_reason}
+    record = record.replace(int_graph=IntGraph(int_graph is not None, int_graph_reason))
     with staging_dir(out) as tmp:
         write_atomic(tmp / "recipe.yaml", dump_recipe(recipe))
         state = {k: v.detach().contiguous() for k, v in p.gm.state_dict().items()}
         save_file(state, str(tmp / "quantized.safetensors"))
-        write_json(tmp / "qparams.json", record)
+        write_json(tmp / "qparams.json", record.to_json())
         write_atomic(tmp / "graph.onnx", graph)
         files = ["recipe.yaml", "quantized.safetensors", "qparams.json", "graph.onnx"]
         if int_graph is not None:

@@ -25,8 +25,7 @@ from .qmodel import mode, only_quantize, sqnr_db
 WORST = 5
 
 
-def _suggest(name: str, info: dict, first: str, last: str) -> str:
-    bits = info.get("weight_bits", 32)
+def _suggest(name: str, bits: int, first: str, last: str) -> str:
     if bits < 8 and name == first:
         return "keep the first layer at 8 bits (--set weights.first_bits=8)"
     if bits < 8 and name == last:
@@ -44,13 +43,13 @@ def diagnose(artifact: str | Artifact, data=None, images: int = 256, batch_size:
     from .calibrate import load_quantized, load_quantized_from
 
     art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
-    q = art.qparams
-    layers = [n for n, v in q["layers"].items() if v.get("weight_bits", 32) < 32]
+    q = art.record
+    layers = q.quantized_layers()
     if not layers:
         raise QpipeError(f"{art.path} has no quantized layers to diagnose")
     gm = load_quantized_from(model, art) if model is not None else load_quantized(art)
     data = data or art.manifest.get("data")
-    source = as_source(data, tuple(q["input_shape"]))
+    source = as_source(data, q.input_shape)
     xs = [x for x, _ in source.batches("calib", batch_size, images)]
     if not xs:
         raise QpipeError(f"data {data}: no calibration images")
@@ -61,7 +60,7 @@ def diagnose(artifact: str | Artifact, data=None, images: int = 256, batch_size:
     hooks = [gm.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: outputs[which["now"]].__setitem__(n, o.detach().double())) for n in layers]
     with torch.no_grad():
-        with mode("float"):
+        with mode(gm, "float"):
             ref = gm(x).double()
         which["now"] = "quant"
         full = gm(x).double()
@@ -69,19 +68,19 @@ def diagnose(artifact: str | Artifact, data=None, images: int = 256, batch_size:
             h.remove()
         alone = {}
         for n in layers:
-            names = {n} | ({q["layers"][n]["input"]} if q["layers"][n].get("input") else set())
-            with only_quantize(names):
+            names = {n} | ({q.layers[n].input} if q.layers[n].input else set())
+            with only_quantize(gm, names):
                 alone[n] = sqnr_db(ref, gm(x).double())
     rows = []
     for n in layers:
-        info = q["layers"][n]
-        rows.append({"layer": n, "op": info.get("op"), "weight_bits": info.get("weight_bits"),
-                     "weight_sqnr_db": info.get("sqnr_db"), "alone_sqnr_db": alone[n],
+        info = q.layers[n]
+        rows.append({"layer": n, "op": info.op, "weight_bits": q.weight_bits(n),
+                     "weight_sqnr_db": info.sqnr_db, "alone_sqnr_db": alone[n],
                      "cumulative_sqnr_db": sqnr_db(outputs["float"][n], outputs["quant"][n])})
     finite = lambda v: v if v != float("inf") else 1e9
     worst = sorted(rows, key=lambda r: finite(r["alone_sqnr_db"]))[:WORST]
     for r in worst:
-        r["suggestion"] = _suggest(r["layer"], r, layers[0], layers[-1])
+        r["suggestion"] = _suggest(r["layer"], r["weight_bits"], layers[0], layers[-1])
     result = {"images": len(x), "data": data if isinstance(data, str) else "<in-memory>",
               "model_sqnr_db": sqnr_db(ref, full), "layers": rows,
               "worst": [{"layer": r["layer"], "alone_sqnr_db": r["alone_sqnr_db"], "suggestion": r["suggestion"]}

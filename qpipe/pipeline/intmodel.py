@@ -35,6 +35,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qpipe.errors import QpipeError
 from qpipe.models.adder import adder2d_forward
+from qpipe.onnx_names import QPIPE_DOMAIN as QDOMAIN
+from qpipe.onnx_names import TORCHSCRIPT_OPSET as OPSET_INT_GRAPH
 from qpipe.reference.intops import OUT_BITS, dyadic
 
 from . import intops
@@ -50,10 +52,6 @@ from .qmodel import (
     _kind,
     mode,
 )
-
-QDOMAIN = "ai.qpipe"
-OPSET_INT_GRAPH = 20  # the TorchScript exporter's highest; the exporter converts to its own opset
-
 
 # ---------------------------------------------------------------- what a value is
 
@@ -545,7 +543,7 @@ class _Rewriter:
         self.done: set[fx.Node] = set()     # nodes folded into an earlier replacement
         self.count = 0
         dummy = torch.zeros((2, *input_shape))
-        with mode("quant"), torch.no_grad():
+        with mode(gm, "quant"), torch.no_grad():
             ShapeProp(gm).propagate(dummy)
 
     # -- helpers

@@ -38,6 +38,7 @@ from torch import fx, nn
 from qpipe.artifact import Artifact, write_atomic
 from qpipe.errors import QpipeError
 from qpipe.recipe import Recipe, load_recipe, resolve_path
+from qpipe.record import LevelSet
 from qpipe.reference import apot as ref
 
 from .apot import Levels, act_step, clip_quantize, code_scale, codes_of, normalize_weights
@@ -61,16 +62,18 @@ def default_recipe(method: str, bits: int, model: str) -> str:
     return f"{method}-w4a4"
 
 
-class _WeightQuant:
-    """Weight levels of one layer: optional per-layer normalisation, then the learned-clipping projection."""
+class _WeightQuant(nn.Module):
+    """Weight levels of one layer: optional per-layer normalisation, then the learned-clipping projection.
+    Registered as the layer's ``qat`` submodule by ``QATModel`` (its alpha is the QATModel's parameter)."""
 
     def __init__(self, alpha: nn.Parameter, levels: Levels, normalize: bool):
+        super().__init__()
         self.alpha, self.levels, self.normalize = alpha, levels, normalize
 
     def source(self, w: torch.Tensor) -> torch.Tensor:
         return normalize_weights(w) if self.normalize else w
 
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
         return clip_quantize(self.source(w), self.alpha, self.levels)
 
     @torch.no_grad()
@@ -78,11 +81,14 @@ class _WeightQuant:
         return codes_of(self.source(w), self.alpha, self.levels)
 
 
-class _ActQuant:
+class _ActQuant(nn.Module):
+    """Learned-clipping levels of one activation quantizer, registered as its ``qat`` submodule."""
+
     def __init__(self, alpha: nn.Parameter, levels: Levels):
+        super().__init__()
         self.alpha, self.levels = alpha, levels
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return clip_quantize(x, self.alpha, self.levels)
 
 
@@ -91,7 +97,9 @@ def _key(name: str) -> str:
 
 
 class QATModel(nn.Module):
-    """The training Q-model and its learned alphas (``weight_alpha`` / ``act_alpha``, keyed by layer / quantizer)."""
+    """The training Q-model and its learned alphas (``weight_alpha`` / ``act_alpha``, keyed by layer / quantizer).
+    Each quantized layer and activation quantizer of ``p.gm`` gets its learned-clipping quantizer as a ``qat``
+    submodule for as long as this model lives (its state dict then lists every alpha twice)."""
 
     def __init__(self, p: Prepared, recipe: Recipe):
         super().__init__()
@@ -105,12 +113,12 @@ class QATModel(nn.Module):
         for name in p.layers:
             m = self.gm.get_submodule(name)
             edge = name in edges
-            bits = edges.get(name, recipe.weights.bits)
+            bits = p.weight_bits[name]   # the one bit policy (layer_bits)
             levels = Levels("uniform" if edge else recipe.qat.method, bits, True, weight=True)
             init = float(m.weight.detach().abs().max()) if edge else recipe.qat.weight_alpha_init
             self.weight_alpha[_key(name)] = nn.Parameter(torch.tensor(init))
             self.wq[name] = _WeightQuant(self.weight_alpha[_key(name)], levels, normalize=not edge)
-            m.__dict__["qat"] = self.wq[name]
+            m.qat = self.wq[name]
         for name in p.act:
             aq = self.gm.get_submodule(name)
             if aq.source is not None and aq.apot:
@@ -119,7 +127,7 @@ class QATModel(nn.Module):
             if src not in self.act_alpha:
                 self.act_alpha[_key(src)] = nn.Parameter(torch.tensor(1.0))
             self.aq[name] = _ActQuant(self.act_alpha[_key(src)], aq.levels)
-            aq.__dict__["qat"] = self.aq[name]
+            aq.qat = self.aq[name]
 
     def forward(self, x):
         return self.gm(x)
@@ -141,7 +149,7 @@ class QATModel(nn.Module):
         was = self.gm.training
         self.gm.eval()
         try:
-            with mode("float"):
+            with mode(self.gm, "float"):
                 for i in range(0, len(images), batch_size):
                     self.gm(images[i : i + batch_size])
         finally:
@@ -182,9 +190,10 @@ def _bn_after(gm: fx.GraphModule) -> dict[str, nn.BatchNorm2d]:
 
 
 @torch.no_grad()
-def freeze(qm: QATModel, template: nn.Module, recipe: Recipe) -> tuple[Prepared, dict, dict]:
-    """The frozen artifact Q-model (BN folded) carrying the training codes exactly: (prepared, weight_info,
-    extra per-tensor records)."""
+def freeze(qm: QATModel, template: nn.Module, recipe: Recipe) -> tuple[Prepared, dict[str, float],
+                                                                      dict[str, LevelSet]]:
+    """The frozen artifact Q-model (BN folded) carrying the training codes exactly: (prepared, weight SQNR in dB
+    per layer, the level set of every weight and activation quantizer)."""
     qm.eval()
     gm = qm.gm
     bns = _bn_after(gm)
@@ -213,15 +222,12 @@ def freeze(qm: QATModel, template: nn.Module, recipe: Recipe) -> tuple[Prepared,
         codes = torch.where((f == 0).reshape(-1, *[1] * (codes.ndim - 1)), torch.zeros_like(codes), codes)
         q = codes * sign.reshape(-1, *[1] * (codes.ndim - 1))
         m.weight_int = q.to(torch.int8)
-        m.weight_bits = wq.levels.bits
         m.weight_scale = scale
         m.weight_zero_point = torch.zeros(c_out, dtype=torch.int32)
         m.weight.copy_(q.float() * scale.reshape(-1, *[1] * (codes.ndim - 1)))
         src = wq.source(gm.get_submodule(name).weight.detach())
-        info[name] = {"bits": wq.levels.bits, "sqnr_db": sqnr_db(src, effective[name])}
-        extra[f"{name}.weight"] = {"levels": wq.levels.kind, "denominator": wq.levels.denominator,
-                                   "alpha": float(wq.alpha), "normalized": wq.normalize,
-                                   "observer": f"qat-{recipe.qat.method}"}
+        info[name] = sqnr_db(src, effective[name])
+        extra[f"{name}.weight"] = LevelSet(wq.levels.kind, wq.levels.denominator, float(wq.alpha), wq.normalize)
     for name in p.act:
         aq = p.gm.get_submodule(name)
         if aq.source is not None:
@@ -229,13 +235,13 @@ def freeze(qm: QATModel, template: nn.Module, recipe: Recipe) -> tuple[Prepared,
         alpha = qm.act_alpha[_key(name)].detach().float()
         lv = aq.levels
         aq.zero_point = torch.tensor(0, dtype=torch.int32)
-        rec = {"levels": lv.kind, "denominator": lv.denominator, "alpha": float(alpha),
-               "observer": f"qat-{recipe.qat.method}"}
+        rec = LevelSet(lv.kind, lv.denominator, float(alpha))
         if aq.apot:
             aq.alpha = alpha.clone()
             aq.scale = code_scale(alpha, lv)
-            rec.update(fine_step=float(act_step(alpha, lv)), table=ref.fine_table(lv.bits).tolist(),
-                       codes=ref.level_codes(lv.bits, False).tolist())
+            rec = dataclasses.replace(rec, fine_step=float(act_step(alpha, lv)),
+                                      table=tuple(int(v) for v in ref.fine_table(lv.bits)),
+                                      codes=tuple(int(v) for v in ref.level_codes(lv.bits, False)))
         else:
             aq.scale = act_step(alpha, lv)
         extra[name] = rec
@@ -320,7 +326,8 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
     state_path = workdir / STATE_FILE
     n = source.size("train")
     steps_per_epoch = math.ceil(n / q.batch_size)
-    weights = list(qm.gm.parameters())
+    alphas = {id(a) for a in [*qm.act_alpha.values(), *qm.weight_alpha.values()]}
+    weights = [w for w in qm.gm.parameters() if id(w) not in alphas]   # the model's own weights and BN
     opt = torch.optim.SGD([
         {"params": weights, "lr": q.lr, "weight_decay": q.weight_decay},
         {"params": list(qm.act_alpha.parameters()), "lr": q.alpha_lr_acts, "weight_decay": q.alpha_weight_decay},
@@ -382,11 +389,11 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
     frozen, info, extra = freeze(qm, template, r)
     shape = tuple(source.input_shape)
     record = qparams_record(frozen, r, info, shape)
-    for name, e in extra.items():
-        record["tensors"][name].update(e)
-    record["intops"] = {}
-    record["qat"] = {"method": r.qat.method, "epochs": q.epochs, "init": str(Path(init).resolve()),
-                     "alpha_init": alpha_init, "resumed_from_epoch": resumed_from, "history": history, "calib_top1_training_model": calib_top1}
+    observer = f"qat-{r.qat.method}"
+    tensors = {name: dataclasses.replace(enc, levels=extra[name], observer=observer) if name in extra else enc
+               for name, enc in record.tensors.items()}
+    record = record.replace(tensors=tensors, qat={"method": r.qat.method, "epochs": q.epochs, "init": str(Path(init).resolve()),
+                     "alpha_init": alpha_init, "resumed_from_epoch": resumed_from, "history": history, "calib_top1_training_model": calib_top1})
     reason = ("APoT levels are not a uniform grid, so there is no integer-only requantisation of them; "
               "model.qdq.onnx carries the exact codes") if r.qat.method == "apot" else None
     from safetensors.torch import save as st_save

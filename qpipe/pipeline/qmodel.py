@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import math
 import operator
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from torch import fx, nn
 
 from qpipe.errors import QpipeError
 from qpipe.models.adder import AdderConv2d, adder2d, adder2d_forward
+from qpipe.onnx_names import INT_GELU, INT_LAYERNORM, INT_SOFTMAX, MARK, MARK_ADDER, MARK_DOMAIN, MARK_INT_OP
 from qpipe.recipe import FLOAT_BITS, Recipe
+from qpipe.record import IntOpRecord
 from qpipe.reference.intops import OUT_BITS
 
 from . import intops
@@ -28,8 +31,6 @@ from .capture import capture
 from .fold import fold_batchnorm
 from .observers import ActivationObserver, estimate
 from .quant import QuantSpec, dequantize, fake_quantize, fake_quantize_ste, lsq_fake_quantize, quantize
-
-MARK_DOMAIN = "qpipe.mark"
 
 
 def _marker(op_type: str, doc: str) -> type[torch.autograd.Function]:
@@ -44,39 +45,74 @@ def _marker(op_type: str, doc: str) -> type[torch.autograd.Function]:
         "__doc__": doc, "forward": staticmethod(lambda ctx, x, name: x), "symbolic": staticmethod(symbolic)})
 
 
-Mark = _marker("Mark", "Marks a quantized tensor in the float graph, so the QDQ exporter finds it by name.")
-MarkAdder = _marker("Adder", "Marks the weights of a quantized adder layer: the QDQ exporter replaces the Adder2d "
+Mark = _marker(MARK, "Marks a quantized tensor in the float graph, so the QDQ exporter finds it by name.")
+MarkAdder = _marker(MARK_ADDER, "Marks the weights of a quantized adder layer: the QDQ exporter replaces the Adder2d "
                              "that reads them by per-group Q/DQ inputs, integer weights and Adder2d ops.")
-MarkOp = _marker("IntOp", "Marks where an integer op replaces a float one: the QDQ exporter puts Q -> ai.qpipe op "
+MarkOp = _marker(MARK_INT_OP, "Marks where an integer op replaces a float one: the QDQ exporter puts Q -> ai.qpipe op "
                           "-> scale in its place with the constants of qparams.json['intops'].")
 
 
-_STATE = {"mode": "quant", "only": None}   # mode: float | observe | quant | mark; only: see only_quantize
+class Mode(str, enum.Enum):
+    """What the Q-modules of a prepared model compute."""
+
+    FLOAT = "float"      # the float model (quantizers and integer weights bypassed)
+    OBSERVE = "observe"  # the float model, observers collect statistics
+    QUANT = "quant"      # the quantized model (fake-quantized activations, dequantized integer weights)
+    MARK = "mark"        # the float graph with qpipe.mark nodes, for the TorchScript exporter
+
+
+@dataclass
+class QState:
+    """The quantization state of one prepared model, shared by all of its Q-modules (``prepare`` hands the same
+    object to each). It changes only through the context managers below."""
+
+    mode: Mode = Mode.QUANT
+    only: frozenset[str] | None = None   # diagnosis: quantize only these layers / quantizers (see only_quantize)
+    batch: int | None = None             # the global index of the calibration batch being observed
+    quantizers: dict[str, ActQuant] = dataclasses.field(default_factory=dict, repr=False)  # qname -> quantizer
+
+    def active(self, qname: str) -> bool:
+        return self.only is None or qname in self.only
+
+
+def state_of(model: nn.Module) -> QState:
+    """The quantization state of a prepared model (or of any module that holds Q-modules)."""
+    state = getattr(model, "qstate", None)
+    if isinstance(state, QState):
+        return state
+    return next((m.qstate for m in model.modules() if isinstance(getattr(m, "qstate", None), QState)), QState())
 
 
 @contextlib.contextmanager
-def only_quantize(names):
+def mode(model: nn.Module, m: Mode | str):
+    """Run ``model``'s Q-modules in mode ``m`` inside the block."""
+    state = state_of(model)
+    prev, state.mode = state.mode, Mode(m)
+    try:
+        yield state
+    finally:
+        state.mode = prev
+
+
+@contextlib.contextmanager
+def only_quantize(model: nn.Module, names):
     """Quantize only the named layers (weights) and quantizers; everything else runs float (diagnosis)."""
-    prev = _STATE["only"]
-    _STATE["only"] = frozenset(names)
+    state = state_of(model)
+    prev, state.only = state.only, frozenset(names)
     try:
-        yield
+        yield state
     finally:
-        _STATE["only"] = prev
-
-
-def _active(qname: str) -> bool:
-    return _STATE["only"] is None or qname in _STATE["only"]
+        state.only = prev
 
 
 @contextlib.contextmanager
-def mode(m: str):
-    prev = _STATE["mode"]
-    _STATE["mode"] = m
-    try:
-        yield
-    finally:
-        _STATE["mode"] = prev
+def observing(model: nn.Module):
+    """Observe mode; the block sets ``state.batch`` to each batch's global index before running it."""
+    with mode(model, Mode.OBSERVE) as state:
+        try:
+            yield state
+        finally:
+            state.batch = None
 
 
 class _QWeightMixin:
@@ -89,25 +125,28 @@ class _QWeightMixin:
         self.register_buffer("bias_int", None)
         self.register_buffer("bias_scale", None)
         self.qname = ""
+        self.qstate = QState()
 
     def qweight(self) -> torch.Tensor:
-        qat = self.__dict__.get("qat")  # quantization-aware training: levels of the float weight, learned alpha
-        if qat is not None and _STATE["mode"] == "quant":
+        m = self.qstate.mode
+        qat = getattr(self, "qat", None)  # QAT (attached submodule): levels of the float weight, learned alpha
+        if qat is not None and m == Mode.QUANT:
             return qat(self.weight)
         # mark mode writes the float graph: float weights, marked where integers replace them on export
-        if self.weight_int is None or _STATE["mode"] in ("float", "observe") or not _active(self.qname):
+        if self.weight_int is None or m in (Mode.FLOAT, Mode.OBSERVE) or not self.qstate.active(self.qname):
             return self.weight
-        if _STATE["mode"] == "mark":
+        if m == Mode.MARK:
             return Mark.apply(self.weight, f"{self.qname}.weight")
-        ada = self.__dict__.get("ada")  # AdaRound: soft weights while the rounding is learned
+        ada = getattr(self, "ada", None)  # AdaRound (attached submodule): soft weights while rounding is learned
         if ada is not None:
             return ada.soft()
         return dequantize(self.weight_int, self.weight_scale, self.weight_zero_point, 0)
 
     def qbias(self) -> torch.Tensor | None:
-        if self.bias_int is None or _STATE["mode"] in ("float", "observe") or not _active(self.qname):
+        m = self.qstate.mode
+        if self.bias_int is None or m in (Mode.FLOAT, Mode.OBSERVE) or not self.qstate.active(self.qname):
             return self.bias
-        if _STATE["mode"] == "mark":
+        if m == Mode.MARK:
             return Mark.apply(self.bias, f"{self.qname}.bias")
         return self.bias_int.float() * self.bias_scale
 
@@ -143,6 +182,7 @@ class QAdder2d(AdderConv2d):
         self.register_buffer("bits", torch.tensor(8))
         self.percentile = percentile
         self.qname = ""
+        self.qstate = QState()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for k in ("weight_int", "group", "group_scale", "clamp_bias"):
@@ -151,15 +191,15 @@ class QAdder2d(AdderConv2d):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
-        m = _STATE["mode"]
+        m = self.qstate.mode
         frozen = self.weight_int is not None
-        if m == "observe" and not frozen:
+        if m == Mode.OBSERVE and not frozen:
             v = x.detach().abs().flatten()
             k = max(int(math.ceil(self.percentile / 100.0 * v.numel())), 1)
             self.act_range = torch.maximum(self.act_range, v.kthvalue(k).values.float())
-        if not frozen or m == "float" or not _active(self.qname):
+        if not frozen or m == Mode.FLOAT or not self.qstate.active(self.qname):
             return super().forward(x)
-        if m == "mark":  # the float adder on marked weights: the QDQ exporter expands it per group
+        if m == Mode.MARK:  # the float adder on marked weights: the QDQ exporter expands it per group
             return adder2d(x, MarkAdder.apply(self.weight, self.qname), self.stride, self.padding, None)
         return self.int_forward(x)
 
@@ -215,6 +255,8 @@ class ActQuant(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.observer: ActivationObserver | None = None
         self.qname = ""
+        self.qstate = QState()
+        self.ste = False   # inside a reconstruction unit (adaround.attached): gradients pass straight through
         self.fixed = False  # scale set by the op before it (IntSoftmax: 2^-8), never calibrated or learned
         self.levels: Levels | None = None  # QAT recipes: the level set (APoT: non-uniform, with an alpha buffer)
 
@@ -228,25 +270,26 @@ class ActQuant(nn.Module):
         return self.levels is not None and self.levels.kind == "apot"
 
     def forward(self, x):
-        m = _STATE["mode"]
+        m = self.qstate.mode
         if self.apot and self.source is not None:
             return x  # after max-pool / flatten: already on the source's levels (projecting again could move them)
-        qat = self.__dict__.get("qat")
-        if qat is not None and m == "quant":
+        qat = getattr(self, "qat", None)   # QAT (attached submodule): learned-clipping levels
+        if qat is not None and m == Mode.QUANT:
             return qat(x)
-        if m == "observe":
+        if m == Mode.OBSERVE:
             if self.observer is not None and self.source is None:
-                self.observer.observe(x, _STATE.get("batch"))
+                self.observer.observe(x, self.qstate.batch)
             return x
-        if m == "float" or not self.scale > 0 or not _active(self.qname):
+        if m == Mode.FLOAT or not self.scale > 0 or not self.qstate.active(self.qname):
             return x
-        if m == "mark":
+        if m == Mode.MARK:
             return Mark.apply(x, self.source or self.qname)
-        if "lsq_scale" in self.__dict__:  # LSQ step being learned during reconstruction
-            return lsq_fake_quantize(x, self.lsq_scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
+        lsq_scale = getattr(self, "lsq_scale", None)  # LSQ step (attached parameter) learned in reconstruction
+        if lsq_scale is not None:
+            return lsq_fake_quantize(x, lsq_scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
         if self.apot:
             return codes_of(x, self.alpha, self.levels).float() * self.scale
-        if self.__dict__.get("ste"):     # inside a reconstruction unit: let gradients through
+        if self.ste:     # inside a reconstruction unit: let gradients through
             return fake_quantize_ste(x, self.scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
 
@@ -261,6 +304,7 @@ class _IntOpMixin:
         self.qname = ""
         self.in_q: str | None = None     # quantizer feeding the op
         self.out_q: str | None = None    # quantizer after it
+        self.qstate = QState()
         self.register_buffer("x0", None)        # IntSoftmax / IntGELU: floor(-1 / s)
         self.register_buffer("ln_m", None)      # IntLayerNorm: per-channel multiplier, shift, bias
         self.register_buffer("ln_k", None)
@@ -273,11 +317,11 @@ class _IntOpMixin:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def int_forward(self, x: torch.Tensor, float_forward) -> torch.Tensor:
-        m = _STATE["mode"]
+        m = self.qstate.mode
         frozen = self.x0 is not None or self.ln_m is not None
-        if m in ("float", "observe") or not frozen or not _active(self.qname):
+        if m in (Mode.FLOAT, Mode.OBSERVE) or not frozen or not self.qstate.active(self.qname):
             return float_forward(x)
-        if m == "mark":
+        if m == Mode.MARK:
             return MarkOp.apply(x, self.qname)
         y = self._int_values(x)
         if torch.is_grad_enabled() and x.requires_grad:  # reconstruction: the float op's gradient (straight through)
@@ -286,47 +330,47 @@ class _IntOpMixin:
         return y
 
     def _int_values(self, x: torch.Tensor) -> torch.Tensor:
-        src = self.__dict__["_in"]
+        src = self.qstate.quantizers[self.in_q]
         with torch.no_grad():
             q = torch.round(x / src.scale).to(torch.int64) - src.zero_point.to(torch.int64)
         if self.kind == "softmax":
             return intops.softmax(q, int(self.x0)).float() * 2.0**-OUT_BITS
         if self.kind == "gelu":
             return intops.gelu(q, int(self.x0)).float() * (src.scale * 2.0**-OUT_BITS)
-        dst = self.__dict__["_out"]
+        dst = self.qstate.quantizers[self.out_q]
         y = intops.layernorm(q, self.ln_params())
         return (y - dst.zero_point.to(torch.int64)).float() * dst.scale
 
     def ln_params(self):
         from qpipe.reference.intops import LayerNormParams
 
-        dst = self.__dict__["_out"]
+        dst = self.qstate.quantizers[self.out_q]
         return LayerNormParams(tuple(self.ln_m.tolist()), int(self.ln_k), tuple(self.ln_b.tolist()),
                                int(dst.zero_point), dst.spec.qmin, dst.spec.qmax)
 
-    def freeze_int(self) -> dict:
-        """Integer constants from the frozen quantizers; returns the record for ``qparams.json["intops"]``."""
+    def freeze_int(self) -> IntOpRecord:
+        """Integer constants from the frozen quantizers, kept in the op's buffers and returned as its record."""
         from qpipe.reference import intops as ref
 
-        src, dst = self.__dict__["_in"], self.__dict__["_out"]
+        src, dst = self.qstate.quantizers[self.in_q], self.qstate.quantizers[self.out_q]
         s_in = float(src.scale)
-        rec = {"op": {"softmax": "IntSoftmax", "gelu": "IntGELU", "layernorm": "IntLayerNorm"}[self.kind],
-               "input": self.in_q, "output": self.out_q, "input_scale": s_in, "input_zero_point": int(src.zero_point)}
+        rec = IntOpRecord({"softmax": INT_SOFTMAX, "gelu": INT_GELU, "layernorm": INT_LAYERNORM}[self.kind],
+                          self.in_q, self.out_q, s_in, int(src.zero_point), output_scale=float(dst.scale))
         if self.kind in ("softmax", "gelu"):
             x0 = ref.shiftexp_x0(s_in) if self.kind == "softmax" else ref.gelu_x0(s_in)
             self.x0 = torch.tensor(x0, dtype=torch.int64)
-            rec.update(x0=x0, output_scale=2.0**-OUT_BITS if self.kind == "softmax" else s_in * 2.0**-OUT_BITS)
-        else:
-            d = self.normalized_shape[-1]
-            w = self.weight.detach().double().numpy() if self.weight is not None else [1.0] * d
-            b = self.bias.detach().double().numpy() if self.bias is not None else [0.0] * d
-            p = ref.layernorm_params(w, b, float(dst.scale), int(dst.zero_point), dst.spec.qmin, dst.spec.qmax)
-            self.ln_m = torch.tensor(p.m, dtype=torch.int64)
-            self.ln_k = torch.tensor(p.k, dtype=torch.int64)
-            self.ln_b = torch.tensor(p.b, dtype=torch.int64)
-            rec.update(m=list(p.m), k=p.k, b=list(p.b), zero_point=p.zero_point, qmin=p.qmin, qmax=p.qmax,
-                       output_scale=float(dst.scale), eps=self.eps)
-        return rec
+            out_scale = 2.0**-OUT_BITS if self.kind == "softmax" else s_in * 2.0**-OUT_BITS
+            return dataclasses.replace(rec, x0=x0, output_scale=out_scale)
+        d = self.normalized_shape[-1]
+        w = self.weight.detach().double().numpy() if self.weight is not None else [1.0] * d
+        b = self.bias.detach().double().numpy() if self.bias is not None else [0.0] * d
+        p = ref.layernorm_params(w, b, float(dst.scale), int(dst.zero_point), dst.spec.qmin, dst.spec.qmax)
+        self.ln_m = torch.tensor(p.m, dtype=torch.int64)
+        self.ln_k = torch.tensor(p.k, dtype=torch.int64)
+        self.ln_b = torch.tensor(p.b, dtype=torch.int64)
+        return dataclasses.replace(rec, m=tuple(int(v) for v in p.m), k=int(p.k), b=tuple(int(v) for v in p.b),
+                                   zero_point=int(p.zero_point), qmin=int(p.qmin), qmax=int(p.qmax),
+                                   eps=float(self.eps))
 
 
 class QSoftmax(_IntOpMixin, nn.Softmax):
@@ -390,6 +434,7 @@ class Prepared:
     layer_input: dict[str, str | None]  # layer -> quantizer feeding it (through pass-through ops)
     int_ops: list[str]         # integer Softmax / GELU / LayerNorm modules (recipe.ops)
     adders: list[str] = dataclasses.field(default_factory=list)  # AdderQuant layers (recipe.adder)
+    weight_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # layer -> bits (layer_bits)
 
 
 SCALAR_OPS = (operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv, operator.pow,
@@ -463,6 +508,17 @@ def _kind(node: fx.Node, modules) -> str:
         if node.target == "mean":
             return "pool"
     return "other"
+
+
+def share_state(gm: fx.GraphModule) -> QState:
+    """One QState for all Q-modules of ``gm``, knowing every activation quantizer by its qname."""
+    state = QState()
+    for m in gm.modules():
+        if isinstance(getattr(m, "qstate", None), QState):
+            m.qstate = state
+    state.quantizers = {name: m for name, m in gm.named_modules() if isinstance(m, ActQuant) and m.source is None}
+    gm.qstate = state
+    return state
 
 
 def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
@@ -583,11 +639,10 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
             if not (len(users) == 1 and users[0].op == "call_module" and isinstance(modules.get(users[0].target), ActQuant)):
                 raise QpipeError(f"{node.target}: an integer {op.kind} needs one quantizer after it")
             op.in_q, op.out_q = modules[src.target].qname, modules[users[0].target].qname
-            op.__dict__["_in"] = gm.get_submodule(op.in_q)
-            op.__dict__["_out"] = gm.get_submodule(op.out_q)
     gm.graph.lint()
     gm.recompile()
-    return Prepared(gm, layers, act, layer_input, int_ops, adders)
+    share_state(gm)
+    return Prepared(gm, layers, act, layer_input, int_ops, adders, layer_bits(recipe, layers))
 
 
 def _tail(node: fx.Node, modules, scale: bool = True) -> tuple[fx.Node, bool]:
@@ -613,12 +668,11 @@ def _qat_point(node: fx.Node, modules) -> bool:
 
 def edge_layers(recipe: Recipe, layers: list[str]) -> dict[str, int]:
     """QAT: the first / last layers that ``weights.first_bits`` / ``last_bits`` keep at uniform levels -> bits."""
-    w, out = recipe.weights, {}
-    if layers and w.first_bits is not None:
-        out[layers[0]] = w.first_bits
-    if layers and w.last_bits is not None:
-        out[layers[-1]] = w.last_bits
-    return out
+    w, bits = recipe.weights, layer_bits(recipe, layers)
+    if not layers:
+        return {}
+    edges = ([layers[0]] if w.first_bits is not None else []) + ([layers[-1]] if w.last_bits is not None else [])
+    return {name: bits[name] for name in edges}
 
 
 def _qat_levels(gm: fx.GraphModule, recipe: Recipe, layers, act, layer_input) -> None:
@@ -685,6 +739,12 @@ def _read_by_layer(node: fx.Node, modules) -> bool:
     return False
 
 
+def layer_bits(recipe: Recipe, layers: list[str]) -> dict[str, int]:
+    """The one policy for a layer's weight bits (PTQ and QAT): ``weights.first_bits`` for the first layer,
+    ``last_bits`` for the last, ``bits`` for the others; FLOAT_BITS after the first with ``only_first``."""
+    return {name: weight_bits(recipe, i, len(layers)) for i, name in enumerate(layers)}
+
+
 def weight_bits(recipe: Recipe, index: int, n_layers: int) -> int:
     w = recipe.weights
     if w.only_first and index > 0:
@@ -703,13 +763,14 @@ def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(10 * torch.log10(sig / noise))
 
 
-def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, dict]:
-    """Choose scales and round every layer's weights to integers (frozen in the Q-modules)."""
+def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, float]:
+    """Choose scales and round every layer's weights to integers (frozen in the Q-modules); returns each
+    quantized layer's weight SQNR in dB."""
     w = recipe.weights
     info = {}
     for i, name in enumerate(p.layers):
         m = p.gm.get_submodule(name)
-        bits = weight_bits(recipe, i, len(p.layers))
+        bits = p.weight_bits[name]
         if bits == FLOAT_BITS:
             continue
         per_channel = w.granularity == "per_channel"
@@ -724,10 +785,9 @@ def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, dict]:
         rounding = "nearest" if w.rounding == "adaround" else w.rounding  # AdaRound starts from nearest
         q = quantize(wt, sz[0], sz[1], spec.qmin, spec.qmax, axis, rounding, gen)
         m.weight_int = q.to(torch.int8)
-        m.weight_bits = bits
         m.weight_scale = s.float() if per_channel else s[0].float().reshape(())
         m.weight_zero_point = z.to(torch.int32) if per_channel else z[0].to(torch.int32).reshape(())
-        info[name] = {"bits": bits, "sqnr_db": weight_sqnr(m)}
+        info[name] = weight_sqnr(m)
     return info
 
 
@@ -766,12 +826,11 @@ def calibrate_activations(p: Prepared, recipe: Recipe, batches) -> int:
     from qpipe import dist
 
     n = 0
-    with mode("observe"):
+    with observing(p.gm) as state:
         for i, (x, _) in dist.shard(batches):  # under torchrun: this rank's batches, by global index
-            _STATE["batch"] = i
+            state.batch = i
             p.gm(x)
             n += len(x)
-    _STATE.pop("batch", None)
     if dist.active():  # every rank gets every batch's records, so all conclude to the single-process scales
         own = {name: p.gm.get_submodule(name).observer.records for name in p.act
                if p.gm.get_submodule(name).source is None}
@@ -808,6 +867,6 @@ def copy_alias_scales(p: Prepared) -> None:
             aq.scale, aq.zero_point = src.scale.clone(), src.zero_point.clone()
 
 
-def freeze_int_ops(p: Prepared) -> dict[str, dict]:
+def freeze_int_ops(p: Prepared) -> dict[str, IntOpRecord]:
     """Integer constants of every integer op from the frozen quantizers (after calibration / LSQ)."""
     return {name: p.gm.get_submodule(name).freeze_int() for name in p.int_ops}

@@ -13,6 +13,8 @@ from onnx import numpy_helper
 
 from qpipe.artifact import Artifact, sha256
 from qpipe.errors import QpipeError
+from qpipe.onnx_names import QPIPE_DOMAIN as INT_DOMAIN
+from qpipe.record import TensorKind
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool",
            "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Identity", "Transpose", "Concat",
@@ -27,7 +29,6 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add"
 INT_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "ConvInteger", "MatMulInteger", "Add", "Sub", "Mul",
            "Reshape", "Transpose", "Gather", "Concat", "Shape", "Unsqueeze", "Squeeze", "Expand", "Where", "Equal",
            "ConstantOfShape", "Flatten", "MaxPool", "ReduceSum", "Constant", "Identity", "Slice"}
-INT_DOMAIN = "ai.qpipe"
 INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
              onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
              onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.BOOL}
@@ -74,7 +75,7 @@ def check_integers(art: Artifact, model: onnx.ModelProto) -> Result:
     inits = {t.name: t for t in model.graph.initializer}
     dq_inputs = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     bad = []
-    weights = [k for k, v in art.qparams["tensors"].items() if v["kind"] == "weight"]
+    weights = [k for k, v in art.record.tensors.items() if v.kind == TensorKind.WEIGHT]
     for name in weights:
         t = inits.get(f"{name}_quantized")
         if t is None or t.name not in dq_inputs:

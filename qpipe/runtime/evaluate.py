@@ -69,9 +69,7 @@ def output_step(art: Artifact | None) -> float | None:
     """Scale of the model's output quantizer (one output step), or None for float outputs."""
     if art is None:
         return None
-    q = art.qparams
-    name = q.get("output_quantizer")
-    return float(q["tensors"][name]["scale"]) if name else None
+    return art.record.output_scale()
 
 
 def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = "cpu",
@@ -103,7 +101,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         data = art.manifest.get("data") if art else None
         if not data:
             raise QpipeError("no --data given and the artifact does not record its data")
-    shape = tuple(art.qparams["input_shape"]) if art else (1, 8, 8)
+    shape = art.record.input_shape if art else (1, 8, 8)
     source = as_source(data, shape)
     data = data if isinstance(data, str) else getattr(source, "name", "<data>")
     if source.size("test") == 0:
