@@ -27,10 +27,17 @@ def check(*args, **kwargs):
     return _check(*args, **kwargs)
 
 
+def run(*args, **kwargs):
+    """calibrate -> export -> evaluate -> check in one call (``qpipe.flow.run``); returns a ``RunResult``."""
+    from qpipe.flow import run as _run
+
+    return _run(*args, **kwargs)
+
+
 def train_qat(*args, **kwargs):
     from qpipe.pipeline.qat import train_qat as _train_qat
 
     return _train_qat(*args, **kwargs)
 
 
-__all__ = ["__version__", "calibrate", "export", "evaluate", "check", "train_qat"]
+__all__ = ["__version__", "calibrate", "export", "evaluate", "check", "run", "train_qat"]

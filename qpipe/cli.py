@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import click
 
 from qpipe.errors import QpipeError
 from qpipe.record import TensorKind
-
-DEFAULT_RUN = ("fp32", "w8a8", "w4a8")
 
 
 def _command() -> str:
@@ -55,9 +52,8 @@ def train(model, data, out, qat, bits, init, recipe, overrides, epochs, lr, batc
     if qat is None:
         from qpipe.pipeline.train import train as run_train
 
-        note = run_train(model, data, 40 if epochs is None else epochs, out, lr=3e-3 if lr is None else lr,
-                         batch_size=64 if batch_size is None else batch_size, seed=0 if seed is None else seed,
-                         command=_command(), optimizer=optimizer or "adamw", device=device)
+        note = run_train(model, data, epochs, out, lr=lr, batch_size=batch_size, seed=seed, command=_command(),
+                         optimizer=optimizer, device=device)
         click.echo(f"wrote {out}: test top-1 {100 * note['test_top1']:.2f}% ({note['epochs']} epochs, "
                    f"seed {note['seed']})")
         return
@@ -167,12 +163,16 @@ def export(artifact, fmt, opset, layout, int4):
 @click.option("--format", "fmt", type=click.Choice(["qdq", "int", "fp32"]), default=None,
               help="Which model of the artifact (default: the first exported of qdq, int, fp32). int: onnxruntime "
                    "on model.int.onnx against the PyTorch integer simulation (exact parity).")
-def evaluate(target, backend, data, device, batch_size, latency, limit, threads, fmt):
+@click.option("--parity/--no-parity", default=True, show_default=True,
+              help="--no-parity: onnxruntime accuracy and latency from the ONNX file alone, without building the "
+                   "PyTorch model to compare with.")
+def evaluate(target, backend, data, device, batch_size, latency, limit, threads, fmt, parity):
     """Accuracy, latency and ORT-vs-PyTorch parity; writes metrics.json into the artifact."""
     from qpipe.runtime.evaluate import evaluate as run
     from qpipe.runtime.evaluate import format_table
 
-    m = run(target, data, backend, device, batch_size, latency, limit, threads, command=_command(), format=fmt)
+    m = run(target, data, backend, device, batch_size, latency, limit, threads, command=_command(), format=fmt,
+            parity=parity)
     from qpipe import dist
 
     if dist.rank() == 0:
@@ -208,36 +208,22 @@ def run(recipes, model, data, weights, out_root, overrides, expect_dir):
     With no RECIPES: the bundled default, the demo CNN on digits as FP32, W8A8 and W4A8. Where the artifact
     has an integer-only graph (quantized weights and activations) it is exported and evaluated as well.
     """
-    from qpipe.artifact import Artifact
-    from qpipe.export import export as run_export
-    from qpipe.pipeline.calibrate import calibrate as run_calibrate
-    from qpipe.runtime.check import check as run_check
+    from qpipe.flow import DEFAULT_RECIPES
+    from qpipe.flow import run as run_flow
     from qpipe.runtime.check import format_results
-    from qpipe.runtime.evaluate import evaluate as run_evaluate
     from qpipe.runtime.evaluate import format_table
 
     rows, failures = [], []
-    for recipe in recipes or DEFAULT_RUN:
+    for recipe in recipes or DEFAULT_RECIPES:
         name = Path(recipe).stem
         out = Path(out_root) / name
-        if out.exists():
-            Artifact(out)  # refuses to delete a folder that is not an artifact
-            shutil.rmtree(out)
         click.echo(f"== {name}: calibrate -> export -> evaluate -> check  ({out})", err=True)
-        art = run_calibrate(model, data, recipe, out, weights=weights, overrides=overrides, command=_command())
-        run_export(art, "qdq", command=_command())
-        mt = run_evaluate(art.path, backend="torch", command=_command())
-        mo = run_evaluate(art.path, backend="ort", command=_command())
-        rows += [{**mt, "name": name}, {**mo, "name": name}]
-        if art.record.int_graph is not None and art.record.int_graph.available:  # the integer-only graph too, where there is one
-            run_export(art, "int", command=_command())
-            mi = run_evaluate(art.path, backend="ort", format="int", command=_command())
-            rows.append({**mi, "name": name})
         expect = Path(expect_dir) / f"{name}.json"
-        results = run_check(art, expect if expect.is_file() else None)
-        bad = [r for r in results if not r.ok]
-        click.echo(format_results(results), err=True)
-        if bad:
+        res = run_flow(model, data, recipe, out, weights=weights, overrides=overrides, replace=True,
+                       expect=expect if expect.is_file() else None, command=_command())
+        rows += [{**m, "name": name} for m in res.metrics]
+        click.echo(format_results(res.checks), err=True)
+        if not res.ok:
             failures.append(name)
     click.echo(format_table(rows, title=f"{model} on {data} (test split; steps = ORT vs torch, validation/optimised)"))
     if failures:

@@ -164,8 +164,7 @@ def run_cell(grid: Grid, cell: dict, folder: Path) -> dict:
     """calibrate -> export -> evaluate one cell in ``folder``; returns (and writes last) its result record."""
     import torch
 
-    import qpipe
-    from qpipe.runtime.evaluate import evaluate
+    from qpipe.flow import run
 
     torch.set_num_threads(1)
     art_dir = folder / "artifact"
@@ -175,11 +174,10 @@ def run_cell(grid: Grid, cell: dict, folder: Path) -> dict:
     rec = {"id": folder.name, "labels": cell["labels"], "set": cell["set"], "status": "ok"}
     t = time.perf_counter()
     try:
-        art = qpipe.calibrate(grid.model, grid.data, grid.base, art_dir, weights=grid.weights,
-                              overrides=_overrides(grid, cell), progress=False)
         fmt = cell["set"].get("format", grid.format)
-        qpipe.export(art, fmt)
-        m = evaluate(art.path, backend="ort", latency=False, progress=False, format=fmt)
+        res = run(grid.model, grid.data, grid.base, art_dir, weights=grid.weights, overrides=_overrides(grid, cell),
+                  formats=(fmt,), backends=("ort",), int_graph=False, latency=False, check=False, progress=False)
+        m = res.metrics[-1]
         par = m.get("parity") or {}
         rec.update(top1=m["accuracy"]["top1"], top5=m["accuracy"]["top5"], n=m["accuracy"]["n"],
                    agreement=par.get("top1_agreement"), max_diff_steps=par.get("max_abs_diff_steps"),

@@ -46,11 +46,24 @@ def accuracy(model, source, split="test", batch_size=256) -> float:
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def train(model_spec: str, data: str, epochs: int, out: str | Path, *, lr: float = 3e-3, batch_size: int = 64,
-          weight_decay: float = 5e-4, seed: int = 0, command: str | None = None, progress: bool = True,
-          optimizer: str = "adamw", device: str = "cpu") -> dict:
-    """``adamw``: AdamW with a one-cycle schedule (the demo CNN / ViT); ``sgd``: SGD with momentum 0.9 and a cosine
-    schedule (AdderNets, as in their paper: the adaptive gradient scaling expects plain SGD)."""
+EPOCHS = 40          # the demo checkpoints' schedule
+LR = 3e-3            # AdamW one-cycle peak (SGD: the starting lr of the cosine schedule)
+BATCH_SIZE = 64
+SEED = 0
+
+
+def train(model_spec: str, data: str, epochs: int | None, out: str | Path, *, lr: float | None = None,
+          batch_size: int | None = None, weight_decay: float = 5e-4, seed: int | None = None,
+          command: str | None = None, progress: bool = True, optimizer: str | None = None,
+          device: str = "cpu") -> dict:
+    """``adamw`` (default): AdamW with a one-cycle schedule (the demo CNN / ViT); ``sgd``: SGD with momentum 0.9 and
+    a cosine schedule (AdderNets, as in their paper: the adaptive gradient scaling expects plain SGD).
+    ``None`` takes the defaults above (what ``qpipe train`` does when an option is not given)."""
+    epochs = EPOCHS if epochs is None else epochs
+    lr = LR if lr is None else lr
+    batch_size = BATCH_SIZE if batch_size is None else batch_size
+    seed = SEED if seed is None else seed
+    optimizer = optimizer or OPTIMIZERS[0]
     from qpipe.data import load_data
     from qpipe.models import build_model
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from qpipe.artifact import Artifact, sha256
 from qpipe.errors import QpipeError
 from qpipe.onnx_names import QPIPE_DOMAIN as INT_DOMAIN
-from qpipe.record import TensorKind
+from qpipe.record import TensorKind, int_key
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool",
            "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Identity", "Transpose", "Concat",
@@ -82,7 +82,7 @@ def check_integers(art: Artifact, model: onnx.ModelProto) -> Result:
             bad.append(f"{name}: no integer initializer")
             continue
         got = weight_codes(t)
-        if not np.array_equal(got, ints[f"{name}_int"].astype(np.int32)):
+        if not np.array_equal(got, ints[int_key(name)].astype(np.int32)):
             bad.append(f"{name}: integers differ")
     return Result("integer weights equal quantized.safetensors", not bad,
                   "; ".join(bad[:5]) or f"{len(weights)} tensors")

@@ -75,13 +75,15 @@ def output_step(art: Artifact | None) -> float | None:
 def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = "cpu",
              batch_size: int = 64, latency: bool = True, limit: int | None = None, threads: int | None = None,
              write: bool = True, command: str | None = None, progress: bool = True, model=None,
-             format: str | None = None) -> dict:
+             format: str | None = None, parity: bool = True) -> dict:
     """Evaluate on the test split; returns (and writes to the artifact) the metrics dict.
 
     ``data``: a spec string, a source or an iterable of ``(x, y)`` batches (default: the artifact's data).
     ``model``: the float ``nn.Module`` an artifact was calibrated from in memory (for the torch side).
     ``format``: which model of an artifact folder (qdq, int, fp32; default the first exported of these). For
-    ``int`` the PyTorch side is the integer simulation, and parity must be exact."""
+    ``int`` the PyTorch side is the integer simulation, and parity must be exact.
+    ``parity=False`` (onnxruntime only): accuracy and latency from the ONNX file alone; no PyTorch model is
+    built and nothing of ``qpipe.pipeline`` is imported."""
     import torch
     from tqdm import tqdm
 
@@ -91,6 +93,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         raise QpipeError(f"unknown backend {backend!r}; use ort or torch")
     if batch_size < 1:
         raise QpipeError(f"--batch-size must be at least 1, got {batch_size}")
+    if not parity and backend == "torch":
+        raise QpipeError("--no-parity applies to --backend ort (the torch backend is the PyTorch model itself)")
     from qpipe import dist
 
     rank, world = dist.init(device)
@@ -108,7 +112,9 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         raise QpipeError(f"data {data}: the test split is empty")
 
     qmodel = None
-    if art is not None and fmt == "int" and not (model is None and str(art.manifest.get("model", "")).startswith("<in-memory")):
+    if not parity:
+        pass   # onnxruntime numbers only: the ONNX file is all that is read
+    elif art is not None and fmt == "int" and not (model is None and str(art.manifest.get("model", "")).startswith("<in-memory")):
         from qpipe.pipeline.calibrate import load_int_model
 
         qmodel = load_int_model(art, model)
