@@ -8,6 +8,7 @@ to uint8 with zero point +128), weights int8 (or INT4 for 4-bit Conv weights at 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,15 @@ from safetensors.numpy import load_file
 
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
+from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.onnx_names import (
+    ADDER2D,
     DEFAULT_OPSET,
     INT_GELU,
+    INT_LAYERNORM,
     INT_SOFTMAX,
     IR_VERSION,
+    MARK,
     MARK_ADDER,
     MARK_DOMAIN,
     MARK_INT_OP,
@@ -45,6 +50,7 @@ from qpipe.record import (
 from . import intops as intops_onnx
 
 FORMATS = ("qdq", "fp32", "int", "all")
+INT_OP_KINDS = {INT_SOFTMAX: Kind.SOFTMAX, INT_GELU: Kind.GELU, INT_LAYERNORM: Kind.LAYERNORM}
 LAYOUTS = ("u8", "s8")   # activation container: uint8 (fast on x86) or int8
 # onnxruntime's x86 u8 x s8 kernels (VPMADDUBSW) add pairs of products in int16 with saturation:
 # 2 * 255 * |w| <= 32767 holds for |w| <= 64. Wider int8 weights feeding a uint8 activation are stored as
@@ -123,96 +129,72 @@ def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bo
     return "int8"
 
 
+@dataclass
+class Emit:
+    """What every QDQ emitter reads: the builder of the new graph, the record, the integers and the options."""
+
+    b: _Builder
+    record: QuantRecord
+    ints: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
+    consumers: dict[str, list[onnx.NodeProto]]
+    layout: str
+    opset: int
+    strip_only: bool
+    weight_layout: str
+    int4: bool
+
+
+def _mark_kind(emit: Emit, node: onnx.NodeProto, name: str) -> Kind:
+    """The op kind whose emitter replaces a mark: weights and biases belong to a layer, activation marks are
+    quantizers, an integer-op mark is its op's kind."""
+    if node.op_type == MARK_ADDER:
+        return Kind.ADDER
+    if node.op_type == MARK_INT_OP:
+        rec = emit.record.intops.get(name)
+        if rec is None:
+            raise QpipeError(f"graph.onnx has the integer op {name!r}, which qparams.json does not record")
+        return INT_OP_KINDS[rec.op]
+    rec = emit.record.tensors.get(name)
+    if rec is None:
+        raise QpipeError(f"graph.onnx marks {name!r}, which qparams.json does not record")
+    return Kind.LAYER if rec.kind in (TensorKind.WEIGHT, TensorKind.BIAS) else Kind.QUANTIZER
+
+
 def build_qdq(graph: onnx.ModelProto, record: QuantRecord, ints: dict[str, np.ndarray], *, layout: str = "u8",
               opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "auto",
               int4: bool = True, state: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """Replace the Mark nodes of ``graph``. ``strip_only`` gives the plain float model (marks dropped)."""
+    """Replace the Mark nodes of ``graph``, each by its kind's emitter (``REGISTRY[kind].qdq_emitter``).
+    ``strip_only`` gives the plain float model (marks dropped, integer ops back to their float ops)."""
     if layout not in LAYOUTS:
         raise QpipeError(f"unknown activation layout {layout!r}; use one of {LAYOUTS}")
     model = onnx.ModelProto()
     model.CopyFrom(graph)
-    b = _Builder(model)
-    tensors = record.tensors
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    emit = Emit(_Builder(model), record, ints, state or {}, consumers, layout, opset, strip_only, weight_layout,
+                int4)
     out_nodes = []
-    intops = record.intops
     adder_weights: dict[str, str] = {}   # output of an Adder mark -> the adder layer's name
     for node in model.graph.node:
-        if node.domain == QPIPE_DOMAIN and node.op_type == "Adder2d" and node.input[1] in adder_weights:
-            out_nodes.extend(_adder_nodes(b, adder_weights[node.input[1]], node, state or {}, strip_only))
+        if node.domain == QPIPE_DOMAIN and node.op_type == ADDER2D and node.input[1] in adder_weights:
+            emitter = resolve(REGISTRY[Kind.ADDER].qdq_emitter)
+            out_nodes.extend(emitter(emit, adder_weights[node.input[1]], node))
             continue
         if node.domain != MARK_DOMAIN:
             out_nodes.append(node)
             continue
         name = next(a.s.decode() for a in node.attribute if a.name == "name")
-        x, y = node.input[0], node.output[0]
-        if node.op_type == MARK_ADDER:
-            adder_weights[y] = name
+        if node.op_type == MARK_ADDER:   # the adder layer's weights: the Adder2d that reads them is expanded
+            adder_weights[node.output[0]] = name
             continue
-        if node.op_type == MARK_INT_OP:
-            if name not in intops:
-                raise QpipeError(f"graph.onnx has the integer op {name!r}, which qparams.json does not record")
-            out_nodes.extend(int_op_nodes(b, name, intops[name], tensors, x, y, layout, float_only=strip_only,
-                                          state=state))
+        kind = _mark_kind(emit, node, name)
+        if strip_only and node.op_type == MARK:
+            out_nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=f"{name}/identity"))
             continue
-        if strip_only:
-            out_nodes.append(helper.make_node("Identity", [x], [y], name=f"{name}/identity"))
-            continue
-        rec = tensors.get(name)
-        if rec is None:
-            raise QpipeError(f"graph.onnx marks {name!r}, which qparams.json does not record")
-        if rec.kind in (TensorKind.WEIGHT, TensorKind.BIAS):
-            key = int_key(name)
-            if key not in ints:
-                raise QpipeError(f"quantized.safetensors has no {key}")
-            q = ints[key]
-            axis = rec.axis
-            scale = np.asarray(rec.scale, dtype=np.float32)
-            if rec.kind == TensorKind.WEIGHT:
-                users = [u.op_type for u in consumers.get(y, [])]
-                layer = record.layers.get(name.removesuffix(".weight"))
-                fused_input = layer is not None and layer.input is not None
-                container = weight_container(q, rec.bits, users, fused_input, layout, opset, weight_layout, int4)
-                t, zt = _weight_tensors(name, q, np.asarray(rec.zero_point), rec.bits, container)
-            else:
-                t = numpy_helper.from_array(q.astype(np.int32), f"{name}_quantized")
-                zp = np.zeros(scale.shape, dtype=np.int32)
-                zt = numpy_helper.from_array(zp, f"{name}_zero_point")
-            b.add_init(t.name, tensor=t)
-            b.add_init(f"{name}_scale", scale)
-            b.add_init(zt.name, tensor=zt)
-            attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
-            out_nodes.append(helper.make_node("DequantizeLinear", [t.name, f"{name}_scale", zt.name], [y],
-                                              name=f"{name}/DequantizeLinear", **attrs))
-        elif rec.apot:
-            out_nodes.extend(_apot_nodes(b, name, rec, x, y))
-        else:
-            dt, zp, shift = _act_layout(rec, layout)
-            bits, scale = rec.bits, np.float32(rec.scale)
-            qmin = rec.qmin + shift
-            qmax = qmin + 2**bits - 1
-            b.add_init(f"{name}_scale", np.array(scale, dtype=np.float32))
-            zname = f"{name}_zero_point_{layout}"
-            b.add_init(zname, np.array(zp))
-            src = x
-            container = (0, 255) if dt == TensorProto.UINT8 else (-128, 127)
-            if (qmin, qmax) != container:
-                # narrower than the container: clip to the b-bit grid in float first (exact, see tests)
-                lo = np.float32((qmin - int(zp)) * scale)
-                hi = np.float32((qmax - int(zp)) * scale)
-                b.add_init(f"{name}_clip_lo", np.array(lo))
-                b.add_init(f"{name}_clip_hi", np.array(hi))
-                src = f"{y}/clipped"
-                out_nodes.append(helper.make_node("Clip", [x, f"{name}_clip_lo", f"{name}_clip_hi"], [src],
-                                                  name=f"{y}/Clip"))
-            qout = f"{y}/quantized"
-            out_nodes.append(helper.make_node("QuantizeLinear", [src, f"{name}_scale", zname], [qout],
-                                              name=f"{y}/QuantizeLinear"))
-            out_nodes.append(helper.make_node("DequantizeLinear", [qout, f"{name}_scale", zname], [y],
-                                              name=f"{y}/DequantizeLinear"))
+        out_nodes.extend(resolve(REGISTRY[kind].qdq_emitter)(emit, name, node))
     del model.graph.node[:]
     model.graph.node.extend(out_nodes)
     # drop the float weights that integers replaced
@@ -230,10 +212,70 @@ def build_qdq(graph: onnx.ModelProto, record: QuantRecord, ints: dict[str, np.nd
     return _finish(model, opset, with_functions=uses_int)
 
 
-def _adder_nodes(b: _Builder, name: str, node: onnx.NodeProto, state: dict, float_only: bool) -> list[onnx.NodeProto]:
+def weight_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """A layer's weight or bias mark: DequantizeLinear of the exact integers (``Kind.LAYER``)."""
+    rec, b, y = emit.record.tensors[name], emit.b, node.output[0]
+    key = int_key(name)
+    if key not in emit.ints:
+        raise QpipeError(f"quantized.safetensors has no {key}")
+    q = emit.ints[key]
+    scale = np.asarray(rec.scale, dtype=np.float32)
+    if rec.kind == TensorKind.WEIGHT:
+        users = [u.op_type for u in emit.consumers.get(y, [])]
+        layer = emit.record.layers.get(name.removesuffix(".weight"))
+        fused_input = layer is not None and layer.input is not None
+        container = weight_container(q, rec.bits, users, fused_input, emit.layout, emit.opset, emit.weight_layout,
+                                     emit.int4)
+        t, zt = _weight_tensors(name, q, np.asarray(rec.zero_point), rec.bits, container)
+    else:
+        t = numpy_helper.from_array(q.astype(np.int32), f"{name}_quantized")
+        zt = numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int32), f"{name}_zero_point")
+    b.add_init(t.name, tensor=t)
+    b.add_init(f"{name}_scale", scale)
+    b.add_init(zt.name, tensor=zt)
+    attrs = {"axis": rec.axis} if rec.axis is not None and scale.ndim == 1 else {}
+    return [helper.make_node("DequantizeLinear", [t.name, f"{name}_scale", zt.name], [y],
+                             name=f"{name}/DequantizeLinear", **attrs)]
+
+
+def activation_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """An activation quantizer's mark: (Clip to a narrower grid ->) QuantizeLinear -> DequantizeLinear in the
+    activation layout, or APoTProject for APoT levels (``Kind.QUANTIZER``)."""
+    rec, b = emit.record.tensors[name], emit.b
+    x, y = node.input[0], node.output[0]
+    if rec.apot:
+        return _apot_nodes(b, name, rec, x, y)
+    dt, zp, shift = _act_layout(rec, emit.layout)
+    bits, scale = rec.bits, np.float32(rec.scale)
+    qmin = rec.qmin + shift
+    qmax = qmin + 2**bits - 1
+    b.add_init(f"{name}_scale", np.array(scale, dtype=np.float32))
+    zname = f"{name}_zero_point_{emit.layout}"
+    b.add_init(zname, np.array(zp))
+    nodes, src = [], x
+    container = (0, 255) if dt == TensorProto.UINT8 else (-128, 127)
+    if (qmin, qmax) != container:
+        # narrower than the container: clip to the b-bit grid in float first (exact, see tests)
+        lo = np.float32((qmin - int(zp)) * scale)
+        hi = np.float32((qmax - int(zp)) * scale)
+        b.add_init(f"{name}_clip_lo", np.array(lo))
+        b.add_init(f"{name}_clip_hi", np.array(hi))
+        src = f"{y}/clipped"
+        nodes.append(helper.make_node("Clip", [x, f"{name}_clip_lo", f"{name}_clip_hi"], [src], name=f"{y}/Clip"))
+    qout = f"{y}/quantized"
+    nodes.append(helper.make_node("QuantizeLinear", [src, f"{name}_scale", zname], [qout],
+                                  name=f"{y}/QuantizeLinear"))
+    nodes.append(helper.make_node("DequantizeLinear", [qout, f"{name}_scale", zname], [y],
+                                  name=f"{y}/DequantizeLinear"))
+    return nodes
+
+
+def adder_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """An AdderQuant layer: per group of filters, the input on the group's unsigned b-bit grid (Clip, Q, DQ at
     step S/(2^b-1)), the weight codes dequantized at 2S/(2^b-1), Adder2d, plus the clamp bias; the groups
-    concatenated and gathered back into channel order. ``float_only``: the float adder with the float weights."""
+    concatenated and gathered back into channel order; the float adder with the float weights for the fp32 model
+    (``Kind.ADDER``)."""
+    b, state, float_only = emit.b, emit.state, emit.strip_only
     attrs = {a.name: list(a.ints) for a in node.attribute}
     x, y = node.input[0], node.output[0]
     if float_only:
@@ -294,13 +336,15 @@ def _apot_nodes(b: _Builder, name: str, rec: Encoding, x: str, y: str) -> list[o
             helper.make_node("DequantizeLinear", [f"{y}/quantized", scale, zp], [y], name=f"{y}/DequantizeLinear")]
 
 
-def int_op_nodes(b: _Builder, name: str, rec: IntOpRecord, tensors: dict[str, Encoding], x: str, y: str,
-                 layout: str, float_only: bool = False, state: dict | None = None) -> list[onnx.NodeProto]:
+def int_op_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """Q (input grid) -> Cast int64 -> ai.qpipe op -> Cast float -> times the op's output scale: the exact
-    float values that the PyTorch Q-model computes. ``float_only``: the float op instead (the fp32 model)."""
+    float values that the PyTorch Q-model computes; the float op for the fp32 model (``Kind.SOFTMAX`` /
+    ``GELU`` / ``LAYERNORM`` with ``ops.<op>: int``)."""
+    b, rec, tensors, layout = emit.b, emit.record.intops[name], emit.record.tensors, emit.layout
+    x, y = node.input[0], node.output[0]
     op = rec.op
-    if float_only:
-        return [_float_op(b, name, rec, x, y, state or {})]
+    if emit.strip_only:
+        return [_float_op(b, name, rec, x, y, emit.state)]
     src = tensors[rec.input]
     dt, zp, shift = _act_layout(src, layout)
     zname = b.add_init(f"{rec.input}_zero_point_{layout}", np.array(zp))

@@ -5,7 +5,7 @@ points follow from the graph.
   weights) become ``nn.Softmax`` / ``nn.GELU`` / ``nn.LayerNorm`` modules, named after the module that called them
   (``blocks.0.attn.softmax``), so the recipe's ``ops`` (float or I-ViT integer) apply to them like to modules;
 - ``@`` / ``torch.matmul`` / ``torch.bmm`` between activations, residual ``+``, ``torch.cat``, ``flatten`` /
-  ``mean`` and ``F.relu`` are recognised where they are (``qmodel._kind``);
+  ``mean`` and ``F.relu`` are recognised where they are (``qmodel.kind_of``);
 - ``exclude: [module names]`` keeps those modules whole and in float (they are not traced into);
 - a module that cannot be traced (data-dependent control flow, an unsupported construct) fails with one line that
   names it, its type and the problem, and says how to exclude it.

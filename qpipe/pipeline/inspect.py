@@ -8,15 +8,15 @@ import copy
 
 from torch import fx, nn
 
+from qpipe.kinds import REGISTRY, Kind
+from qpipe.onnx_names import INT_GELU, INT_LAYERNORM, INT_SOFTMAX
 from qpipe.recipe import FLOAT_BITS, Recipe, load_recipe
 
 from .capture import _owner
-from .qmodel import ActQuant, _IntOpMixin, _kind, prepare, weight_bits
+from .qmodel import ActQuant, _IntOpMixin, kind_of, prepare
 
-POINT_KINDS = ("input", "layer", "adder", "matmul", "softmax", "gelu", "layernorm", "add", "cat", "pool", "excluded")
-LABEL = {"layer": "linear", "adder": "adder", "layernorm": "layernorm", "add": "add", "cat": "concat",
-         "pool": "pool", "matmul": "matmul", "softmax": "softmax", "gelu": "gelu", "input": "input",
-         "excluded": "float (excluded)"}
+POINT_KINDS = tuple(k for k, spec in REGISTRY.items() if spec.label is not None)
+INT_OP_LABEL = {Kind.SOFTMAX: INT_SOFTMAX, Kind.GELU: INT_GELU, Kind.LAYERNORM: INT_LAYERNORM}
 
 
 def _describe(aq: ActQuant) -> str:
@@ -28,9 +28,9 @@ def _input_quantizer(arg, modules) -> str:
     while isinstance(arg, fx.Node):
         if arg.op == "call_module" and isinstance(modules.get(arg.target), ActQuant):
             return _describe(modules[arg.target])
-        if _kind(arg, modules) == "layer":
+        if kind_of(arg, modules) == Kind.LAYER:
             return f"accumulator of {arg.target}"
-        if _kind(arg, modules) in ("pass", "split") and arg.args:
+        if kind_of(arg, modules) in (Kind.PASS, Kind.SPLIT) and arg.args:
             arg = arg.args[0]
             continue
         if arg.op == "get_attr":
@@ -40,14 +40,14 @@ def _input_quantizer(arg, modules) -> str:
 
 
 def _output_quantizer(node: fx.Node, modules) -> str:
-    if _kind(node, modules) == "layer" and node.users and all(_kind(u, modules) == "add" for u in node.users):
+    if kind_of(node, modules) == Kind.LAYER and node.users and all(kind_of(u, modules) == Kind.ADD for u in node.users):
         return "accumulator (to the add)"
     cur = node
     while len(cur.users) == 1:
         u = next(iter(cur.users))
         if u.op == "call_module" and isinstance(modules.get(u.target), ActQuant):
             return _describe(modules[u.target])
-        if _kind(u, modules) in ("bn", "relu", "scale"):
+        if kind_of(u, modules) in (Kind.BN, Kind.RELU, Kind.SCALE):
             cur = u
             continue
         break
@@ -60,25 +60,25 @@ def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list
     modules = dict(p.gm.named_modules())
     rows = []
     for node in p.gm.graph.nodes:
-        k = _kind(node, modules)
+        k = kind_of(node, modules)
         if node.op == "call_module" and node.target in r.exclude:
-            k = "excluded"
-        if k not in POINT_KINDS or (k == "input" and not node.users):
+            k = Kind.EXCLUDED
+        if k not in POINT_KINDS or (k == Kind.INPUT and not node.users):
             continue
         m = modules.get(node.target) if node.op == "call_module" else None
-        op = LABEL[k]
-        if k == "layer":
+        op = REGISTRY[k].label
+        if k == Kind.LAYER:
             op = "conv" if isinstance(m, nn.Conv2d) else "linear"
         if isinstance(m, _IntOpMixin) and m.kind == k:
-            op = {"softmax": "IntSoftmax", "gelu": "IntGELU", "layernorm": "IntLayerNorm"}[k]
+            op = INT_OP_LABEL[k]
         weight = None
-        if k == "adder" and r.adder.method != "none":
+        if k == Kind.ADDER and r.adder.method != "none":
             weight = r.adder.bits
-        elif k == "layer" and node.target in p.layers:
-            b = weight_bits(r, p.layers.index(node.target), len(p.layers))
+        elif k == Kind.LAYER and node.target in p.layers:
+            b = p.weight_bits[node.target]
             weight = None if b == FLOAT_BITS else b
-        tensors = [a for a in node.args if isinstance(a, fx.Node)] if k not in ("input", "cat") else (
-            [a for a in node.args[0]] if k == "cat" else [])
+        tensors = [a for a in node.args if isinstance(a, fx.Node)] if k not in (Kind.INPUT, Kind.CAT) else (
+            [a for a in node.args[0]] if k == Kind.CAT else [])
         owner = _owner(node)
         name = node.target if node.op == "call_module" else (f"{owner}.{node.name}" if owner else node.name)
         rows.append({"name": name, "module": owner,

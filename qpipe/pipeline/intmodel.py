@@ -34,6 +34,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qpipe.errors import QpipeError
+from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
 from qpipe.onnx_names import QPIPE_DOMAIN as QDOMAIN
 from qpipe.onnx_names import TORCHSCRIPT_OPSET as OPSET_INT_GRAPH
@@ -49,7 +50,7 @@ from .qmodel import (
     QLinear,
     _IntOpMixin,
     _is_scalar,
-    _kind,
+    kind_of,
     mode,
 )
 
@@ -532,7 +533,9 @@ def _scales(v) -> tuple[float, ...]:
     return tuple(float(s) for s in torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist())
 
 
-class _Rewriter:
+class Rewriter:
+    """Writes the integer-only model of a frozen Q-model node by node (``visit``)."""
+
     def __init__(self, gm: fx.GraphModule, input_shape):
         self.gm = gm
         self.modules = dict(gm.named_modules())
@@ -566,10 +569,10 @@ class _Rewriter:
         relu, cur = False, node
         while len(cur.users) == 1:
             u = next(iter(cur.users))
-            k = _kind(u, self.modules)
-            if k == "aq":
+            k = kind_of(u, self.modules)
+            if k == Kind.QUANTIZER:
                 return u, self.modules[u.target], relu
-            if k == "relu":
+            if k == Kind.RELU:
                 relu, cur = True, u
                 continue
             break
@@ -631,176 +634,205 @@ class _Rewriter:
         self.meta[node] = meta
 
     def visit(self, node: fx.Node) -> None:
-        k = _kind(node, self.modules)
-        op, target = node.op, node.target
-        if op == "placeholder":
-            self.copy(node, "float")
-            return
-        if op == "get_attr":
-            value = functools.reduce(getattr, node.target.split("."), self.gm)
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():  # a mask: used as it is
-                name = self.add_module(node.target + "_raw", nn.Module())
-                self.root.get_submodule(name).register_buffer("value", value.detach().clone())
-                self.env[node] = self.new.get_attr(f"{name}.value")
-                self.meta[node] = "other"
-                return
-            self.meta[node] = self.const(node)
-            return
-        if op == "output":
-            out = node.args[0]
-            meta = self.meta.get(out)
-            if not isinstance(meta, Grid):
-                raise QpipeError("the integer-only graph needs an output quantizer (quantized activations)")
-            y = self.call("dequantize", Dequantize(meta), self.env[out])
-            self.new.output(y)
-            return
-        args = node.args
-        x = args[0] if args and isinstance(args[0], fx.Node) else None
-        xm = self.meta.get(x) if x is not None else None
+        """One node of the Q-model: its kind's step (``REGISTRY[kind].int_module``) writes its integer form."""
+        if node.op == "get_attr":
+            self.visit_constant(node)
+        elif node.op == "output":
+            self.visit_output(node)
+        else:
+            resolve(REGISTRY[kind_of(node, self.modules)].int_module)(self, node)
 
-        if k == "aq":
-            aq = self.modules[target]
-            gr = _grid(aq)
-            if xm == "float":
-                self.env[node] = self.call("quantize", IntQuantize(gr), self.env[x])
-            elif isinstance(xm, Grid):
-                if xm == gr:
-                    self.env[node] = self.env[x]
-                else:
-                    self.env[node] = self.call("requant", IntRequant(xm.scale / gr.scale, (), gr, gr.qmin,
-                                                                     xm.zero_point), self.env[x])
-            elif isinstance(xm, Acc):
-                s = _scales(xm.scale)
-                lo = max(gr.qmin, gr.zero_point) if xm.relu else gr.qmin
-                self.env[node] = self.call("requant", IntRequant([v / gr.scale for v in s],
-                                                                 _bshape(len(s), xm.axis, self.ndim(x)), gr, lo),
-                                           self.env[x])
+    def operand(self, node: fx.Node):
+        """(the first argument, what its value is: Grid / Acc / Const / 'float' / 'other' / None)."""
+        x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        return x, (self.meta.get(x) if x is not None else None)
+
+    def visit_input(self, node: fx.Node) -> None:
+        self.copy(node, "float")
+
+    def visit_constant(self, node: fx.Node) -> None:
+        value = functools.reduce(getattr, node.target.split("."), self.gm)
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():  # a mask: used as it is
+            name = self.add_module(node.target + "_raw", nn.Module())
+            self.root.get_submodule(name).register_buffer("value", value.detach().clone())
+            self.env[node] = self.new.get_attr(f"{name}.value")
+            self.meta[node] = "other"
+            return
+        self.meta[node] = self.const(node)
+
+    def visit_output(self, node: fx.Node) -> None:
+        out = node.args[0]
+        meta = self.meta.get(out)
+        if not isinstance(meta, Grid):
+            raise QpipeError("the integer-only graph needs an output quantizer (quantized activations)")
+        y = self.call("dequantize", Dequantize(meta), self.env[out])
+        self.new.output(y)
+
+    def visit_quantizer(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        target = node.target
+        aq = self.modules[target]
+        gr = _grid(aq)
+        if xm == "float":
+            self.env[node] = self.call("quantize", IntQuantize(gr), self.env[x])
+        elif isinstance(xm, Grid):
+            if xm == gr:
+                self.env[node] = self.env[x]
             else:
-                raise QpipeError(f"{node.name}: cannot quantize a {type(xm).__name__} value in the integer graph")
+                self.env[node] = self.call("requant", IntRequant(xm.scale / gr.scale, (), gr, gr.qmin,
+                                                                 xm.zero_point), self.env[x])
+        elif isinstance(xm, Acc):
+            s = _scales(xm.scale)
+            lo = max(gr.qmin, gr.zero_point) if xm.relu else gr.qmin
+            self.env[node] = self.call("requant", IntRequant([v / gr.scale for v in s],
+                                                             _bshape(len(s), xm.axis, self.ndim(x)), gr, lo),
+                                       self.env[x])
+        else:
+            raise QpipeError(f"{node.name}: cannot quantize a {type(xm).__name__} value in the integer graph")
+        self.meta[node] = gr
+
+    def visit_layer(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        target = node.target
+        m = self.modules[target]
+        if not isinstance(xm, Grid):
+            raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every layer")
+        sw = _scales(m.weight_scale) if m.weight_scale is not None else (1.0,)
+        acc_scale = tuple(xm.scale * v for v in sw)
+        if isinstance(m, QConv2d):
+            self.env[node] = self.call(target, IntConv(m, xm), self.env[x])
+            self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=1)
+        else:
+            self.env[node] = self.call(target, IntLinear(m, xm), self.env[x])
+            self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=-1)
+
+    def visit_adder(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        target = node.target
+        if not isinstance(xm, Grid):
+            raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every adder layer")
+        mod = IntAdder(self.modules[target], xm)
+        self.env[node] = self.call(target, mod, self.env[x])
+        self.meta[node] = Acc(mod.scales, axis=1)
+
+    def visit_bn(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        target = node.target
+        if not isinstance(xm, Acc) or xm.relu:
+            raise QpipeError(f"{target}: the integer graph folds BatchNorm only into the accumulator of the "
+                             "layer before it")
+        s = _scales(xm.scale)
+        mod = IntBatchNorm(self.modules[target], s)
+        self.env[node] = self.call(target, mod, self.env[x])
+        self.meta[node] = Acc(mod.scales, axis=1)
+
+    def visit_relu(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        if isinstance(xm, Acc):
+            self.env[node], self.meta[node] = self.env[x], replace(xm, relu=True)
+            return
+        if isinstance(xm, Grid):  # max(q, z) on a grid
+            gr = replace(xm, qmin=max(xm.qmin, xm.zero_point))
+            self.env[node] = self.call("relu", IntRequant(1.0, (), gr, gr.qmin, 0), self.env[x])
             self.meta[node] = gr
             return
-        if k == "layer":
-            m = self.modules[target]
-            if not isinstance(xm, Grid):
-                raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every layer")
-            sw = _scales(m.weight_scale) if m.weight_scale is not None else (1.0,)
-            acc_scale = tuple(xm.scale * v for v in sw)
-            if isinstance(m, QConv2d):
-                self.env[node] = self.call(target, IntConv(m, xm), self.env[x])
-                self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=1)
+        raise QpipeError(f"{node.name}: ReLU on an unsupported value in the integer graph")
+
+    def visit_scale(self, node: fx.Node) -> None:
+        target, args = node.target, node.args
+        c = next(a for a in args if isinstance(a, (int, float)))
+        if target in DIV_FUNCS:
+            c = 1.0 / c
+        src = next(a for a in args if isinstance(a, fx.Node))
+        sm = self.meta.get(src)
+        if not isinstance(sm, Acc) or sm.relu:
+            raise QpipeError(f"{node.name}: multiplication by a constant is folded only after Conv/Linear/matmul")
+        s = _scales(sm.scale)
+        self.env[node] = self.env[src]
+        self.meta[node] = replace(sm, scale=tuple(v * c for v in s) if len(s) > 1 else s[0] * c)
+
+    def visit_matmul(self, node: fx.Node) -> None:
+        args = node.args
+        a, b = args[0], args[1]
+        ga, gb = self.meta.get(a), self.meta.get(b)
+        if not (isinstance(ga, Grid) and isinstance(gb, Grid)):
+            raise QpipeError(f"{node.name}: the integer graph needs quantized inputs to matmul")
+        self.env[node] = self.call("matmul", IntMatMul(ga, gb), self.env[a], self.env[b])
+        self.meta[node] = Acc(ga.scale * gb.scale)
+
+    def visit_add(self, node: fx.Node) -> None:
+        args = node.args
+        aq_node, aq, relu = self.aq_after(node)
+        gr = _grid(aq)
+        operands = [a for a in args[:2]]
+        if not all(isinstance(a, fx.Node) for a in operands):
+            raise QpipeError(f"{node.name}: adding a plain number is not supported in the integer graph")
+        ops = [self.as_operand(a, gr, with_zp=False) for a in operands]
+        lo = max(gr.qmin, gr.zero_point) if relu else gr.qmin
+        mod = IntAdd([o[1] for o in ops], [o[2] for o in ops], [o[3] for o in ops], gr, lo)
+        y = self.call("add", mod, ops[0][0], ops[1][0])
+        self.env[node], self.meta[node] = y, gr
+        self.mark_folded(node, aq_node, y, gr)
+
+    def visit_cat(self, node: fx.Node) -> None:
+        args = node.args
+        aq_node, aq, relu = self.aq_after(node)
+        gr = _grid(aq)
+        parts = []
+        for a in args[0]:
+            am = self.meta.get(a)
+            if isinstance(am, Const):
+                parts.append(am.make(gr))
+            elif isinstance(am, Grid):
+                parts.append(self.env[a] if am == gr else self.call(
+                    "requant", IntRequant(am.scale / gr.scale, (), gr, gr.qmin, am.zero_point), self.env[a]))
             else:
-                self.env[node] = self.call(target, IntLinear(m, xm), self.env[x])
-                self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=-1)
-            return
-        if k == "adder":
-            if not isinstance(xm, Grid):
-                raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every adder layer")
-            mod = IntAdder(self.modules[target], xm)
-            self.env[node] = self.call(target, mod, self.env[x])
-            self.meta[node] = Acc(mod.scales, axis=1)
-            return
-        if k == "bn":
-            if not isinstance(xm, Acc) or xm.relu:
-                raise QpipeError(f"{target}: the integer graph folds BatchNorm only into the accumulator of the "
-                                 "layer before it")
-            s = _scales(xm.scale)
-            mod = IntBatchNorm(self.modules[target], s)
-            self.env[node] = self.call(target, mod, self.env[x])
-            self.meta[node] = Acc(mod.scales, axis=1)
-            return
-        if k == "relu":
-            if isinstance(xm, Acc):
-                self.env[node], self.meta[node] = self.env[x], replace(xm, relu=True)
-                return
-            if isinstance(xm, Grid):  # max(q, z) on a grid
-                gr = replace(xm, qmin=max(xm.qmin, xm.zero_point))
-                self.env[node] = self.call("relu", IntRequant(1.0, (), gr, gr.qmin, 0), self.env[x])
-                self.meta[node] = gr
-                return
-            raise QpipeError(f"{node.name}: ReLU on an unsupported value in the integer graph")
-        if k == "scale":
-            c = next(a for a in args if isinstance(a, (int, float)))
-            if target in DIV_FUNCS:
-                c = 1.0 / c
-            src = next(a for a in args if isinstance(a, fx.Node))
-            sm = self.meta.get(src)
-            if not isinstance(sm, Acc) or sm.relu:
-                raise QpipeError(f"{node.name}: multiplication by a constant is folded only after Conv/Linear/matmul")
-            s = _scales(sm.scale)
-            self.env[node] = self.env[src]
-            self.meta[node] = replace(sm, scale=tuple(v * c for v in s) if len(s) > 1 else s[0] * c)
-            return
-        if k == "matmul":
-            a, b = args[0], args[1]
-            ga, gb = self.meta.get(a), self.meta.get(b)
-            if not (isinstance(ga, Grid) and isinstance(gb, Grid)):
-                raise QpipeError(f"{node.name}: the integer graph needs quantized inputs to matmul")
-            self.env[node] = self.call("matmul", IntMatMul(ga, gb), self.env[a], self.env[b])
-            self.meta[node] = Acc(ga.scale * gb.scale)
-            return
-        if k == "add":
-            aq_node, aq, relu = self.aq_after(node)
+                raise QpipeError(f"{node.name}: torch.cat of an unsupported value in the integer graph")
+        y = self.new.call_function(torch.cat, (parts,), dict(node.kwargs, **({"dim": args[1]} if len(args) > 1 else {})))
+        self.env[node], self.meta[node] = y, gr
+        self.mark_folded(node, aq_node, y, gr)
+
+    def visit_int_op(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        k = kind_of(node, self.modules)
+        target = node.target
+        m = self.modules[target]
+        if not isinstance(m, _IntOpMixin):
+            raise QpipeError(f"{target}: the integer-only graph needs ops.{k}: int in the recipe")
+        if not isinstance(xm, Grid):
+            raise QpipeError(f"{target}: integer {k} needs a quantized input")
+        y = self.call(target, IntNonlinear(m, xm.zero_point), self.env[x])
+        self.env[node] = y
+        if k == Kind.GELU:
+            self.meta[node] = Acc(xm.scale * 2.0**-OUT_BITS)
+        else:
+            aq_node, aq, _ = self.aq_after(node)
             gr = _grid(aq)
-            operands = [a for a in args[:2]]
-            if not all(isinstance(a, fx.Node) for a in operands):
-                raise QpipeError(f"{node.name}: adding a plain number is not supported in the integer graph")
-            ops = [self.as_operand(a, gr, with_zp=False) for a in operands]
-            lo = max(gr.qmin, gr.zero_point) if relu else gr.qmin
-            mod = IntAdd([o[1] for o in ops], [o[2] for o in ops], [o[3] for o in ops], gr, lo)
-            y = self.call("add", mod, ops[0][0], ops[1][0])
-            self.env[node], self.meta[node] = y, gr
+            if k == Kind.SOFTMAX and (gr.scale, gr.zero_point) != (2.0**-OUT_BITS, 0):
+                raise QpipeError(f"{target}: IntSoftmax writes at scale 2^-{OUT_BITS}, but the quantizer after "
+                                 f"it has scale {gr.scale}")
+            self.meta[node] = gr
             self.mark_folded(node, aq_node, y, gr)
-            return
-        if k == "cat":
-            aq_node, aq, relu = self.aq_after(node)
-            gr = _grid(aq)
-            parts = []
-            for a in args[0]:
-                am = self.meta.get(a)
-                if isinstance(am, Const):
-                    parts.append(am.make(gr))
-                elif isinstance(am, Grid):
-                    parts.append(self.env[a] if am == gr else self.call(
-                        "requant", IntRequant(am.scale / gr.scale, (), gr, gr.qmin, am.zero_point), self.env[a]))
-                else:
-                    raise QpipeError(f"{node.name}: torch.cat of an unsupported value in the integer graph")
-            y = self.new.call_function(torch.cat, (parts,), dict(node.kwargs, **({"dim": args[1]} if len(args) > 1 else {})))
-            self.env[node], self.meta[node] = y, gr
-            self.mark_folded(node, aq_node, y, gr)
-            return
-        if k in ("softmax", "gelu", "layernorm"):
-            m = self.modules[target]
-            if not isinstance(m, _IntOpMixin):
-                raise QpipeError(f"{target}: the integer-only graph needs ops.{k}: int in the recipe")
-            if not isinstance(xm, Grid):
-                raise QpipeError(f"{target}: integer {k} needs a quantized input")
-            y = self.call(target, IntNonlinear(m, xm.zero_point), self.env[x])
-            self.env[node] = y
-            if k == "gelu":
-                self.meta[node] = Acc(xm.scale * 2.0**-OUT_BITS)
-            else:
-                aq_node, aq, _ = self.aq_after(node)
-                gr = _grid(aq)
-                if k == "softmax" and (gr.scale, gr.zero_point) != (2.0**-OUT_BITS, 0):
-                    raise QpipeError(f"{target}: IntSoftmax writes at scale 2^-{OUT_BITS}, but the quantizer after "
-                                     f"it has scale {gr.scale}")
-                self.meta[node] = gr
-                self.mark_folded(node, aq_node, y, gr)
-            return
-        if k == "pool":
-            if not isinstance(xm, Grid):
-                raise QpipeError(f"{node.name}: pooling needs a quantized input in the integer graph")
-            tin, tout = x.meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
-            if len(tout) != 4 or tuple(tout[2:]) != (1, 1):
-                raise QpipeError(f"{node.name}: only global average pooling is supported in the integer graph")
-            y = self.call("sumpool", IntSumPool(xm.zero_point), self.env[x])
-            self.env[node], self.meta[node] = y, Acc(xm.scale / (tin[2] * tin[3]))
-            return
+
+    def visit_pool(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        if not isinstance(xm, Grid):
+            raise QpipeError(f"{node.name}: pooling needs a quantized input in the integer graph")
+        tin, tout = x.meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
+        if len(tout) != 4 or tuple(tout[2:]) != (1, 1):
+            raise QpipeError(f"{node.name}: only global average pooling is supported in the integer graph")
+        y = self.call("sumpool", IntSumPool(xm.zero_point), self.env[x])
+        self.env[node], self.meta[node] = y, Acc(xm.scale / (tin[2] * tin[3]))
+
+    def visit_pass(self, node: fx.Node) -> None:
+        x, xm = self.operand(node)
+        k = kind_of(node, self.modules)
+        op, target, args = node.op, node.target, node.args
         if op == "call_module" and isinstance(self.modules[target], nn.MaxPool2d):
             self.env[node] = self.call(target, IntMaxPool(self.modules[target], xm), self.env[x])
             self.meta[node] = xm
             return
-        if k == "pass" and op == "call_method" and target == "masked_fill" and isinstance(xm, Grid):
+        if k == Kind.PASS and op == "call_method" and target == "masked_fill" and isinstance(xm, Grid):
             # masked_fill(mask, -inf) before softmax: the lowest value of the grid, as the quantizer after it clamps
             value = args[2] if len(args) > 2 else node.kwargs.get("value")
             if not isinstance(value, (int, float)):
@@ -810,7 +842,7 @@ class _Rewriter:
             self.env[node] = self.new.call_method("masked_fill", (self.env[x], mask, fill))
             self.meta[node] = xm
             return
-        if k in ("pass", "other", "split"):
+        if k in (Kind.PASS, Kind.OTHER, Kind.SPLIT):
             if op == "call_module" and not isinstance(self.modules[target], (nn.Dropout, nn.Identity, nn.Flatten)):
                 raise QpipeError(f"{target} ({type(self.modules[target]).__name__}) has no integer form")
             if op == "call_function" and target in (F.max_pool2d,):
@@ -836,7 +868,7 @@ class _Rewriter:
 def to_int(gm: fx.GraphModule, input_shape) -> fx.GraphModule:
     """The integer-only model of a frozen Q-model (see the module docstring); float images in, float logits
     (one final dequantisation) out."""
-    model = _Rewriter(gm, input_shape).run()
+    model = Rewriter(gm, input_shape).run()
     model.graph.lint()
     model.recompile()
     return model.eval()

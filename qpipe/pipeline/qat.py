@@ -37,12 +37,13 @@ from torch import fx, nn
 
 from qpipe.artifact import Artifact, write_atomic
 from qpipe.errors import QpipeError
+from qpipe.kinds import Kind
 from qpipe.recipe import Recipe, load_recipe, resolve_path
 from qpipe.record import LevelSet
 from qpipe.reference import apot as ref
 
 from .apot import Levels, act_step, clip_quantize, code_scale, codes_of, normalize_weights
-from .qmodel import Prepared, _kind, copy_alias_scales, edge_layers, prepare, quantize_biases, sqnr_db
+from .qmodel import Prepared, copy_alias_scales, edge_layers, kind_of, prepare, quantize_biases, sqnr_db
 from .train import _shift, accuracy
 
 STATE_FILE = "qat-state.pt"
@@ -181,7 +182,7 @@ def _bn_after(gm: fx.GraphModule) -> dict[str, nn.BatchNorm2d]:
     modules = dict(gm.named_modules())
     out = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and _kind(node, modules) == "bn":
+        if node.op == "call_module" and kind_of(node, modules) == Kind.BN:
             src = node.args[0]
             if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 \
                     and isinstance(modules.get(src.target), nn.Conv2d):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qpipe.errors import QpipeError
+from qpipe.kinds import QUANTIZED_KINDS, REGISTRY, Kind, resolve
 from qpipe.models.adder import AdderConv2d, adder2d, adder2d_forward
 from qpipe.onnx_names import INT_GELU, INT_LAYERNORM, INT_SOFTMAX, MARK, MARK_ADDER, MARK_DOMAIN, MARK_INT_OP
 from qpipe.recipe import FLOAT_BITS, Recipe
@@ -224,14 +225,17 @@ class QAdder2d(AdderConv2d):
         return out
 
 
-def _to_q_adder(m: AdderConv2d, percentile: float) -> QAdder2d:
+def to_q_adder(m: AdderConv2d, name: str, recipe: Recipe) -> QAdder2d:
+    """The Q-module of an adder layer (``Kind.ADDER``)."""
     q = QAdder2d(m.in_channels, m.out_channels, m.kernel_size[0], m.stride, m.padding, m.eta)
-    q._init_qbuffers(percentile)
+    q._init_qbuffers(recipe.adder.percentile)
     q.load_state_dict(m.state_dict(), strict=False)
+    q.qname = name
     return q
 
 
-def _to_q(m: nn.Module) -> nn.Module:
+def to_q_layer(m: nn.Module, name: str, recipe: Recipe) -> nn.Module:
+    """The Q-module of a Conv2d / Linear (``Kind.LAYER``)."""
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros":
             raise QpipeError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported")
@@ -241,6 +245,7 @@ def _to_q(m: nn.Module) -> nn.Module:
         q = QLinear(m.in_features, m.out_features, bias=m.bias is not None)
     q._init_qbuffers()
     q.load_state_dict(m.state_dict())
+    q.qname = name
     return q
 
 
@@ -388,12 +393,14 @@ class QLayerNorm(_IntOpMixin, nn.LayerNorm):
         return self.int_forward(x, super().forward)
 
 
-def _to_int_op(m: nn.Module, kind: str, name: str) -> nn.Module:
-    if kind == "softmax":
+def to_int_op(m: nn.Module, name: str, recipe: Recipe) -> nn.Module:
+    """The Q-module of a Softmax / GELU / LayerNorm that runs as an I-ViT integer op (``recipe.ops.<op>: int``)."""
+    kind = next(k for cls, k in OP_MODULES.items() if isinstance(m, cls))
+    if kind == Kind.SOFTMAX:
         if m.dim not in (-1, None):
             raise QpipeError(f"{name}: integer softmax needs dim=-1, got dim={m.dim}")
         q = QSoftmax(dim=-1)
-    elif kind == "gelu":
+    elif kind == Kind.GELU:
         q = QGELU(approximate=m.approximate)
     else:
         if len(m.normalized_shape) != 1:
@@ -421,9 +428,8 @@ SPLIT_FUNCS = (torch.unbind, torch.chunk, torch.split)   # tuple outputs: their 
 SPLIT_METHODS = ("unbind", "chunk", "split")
 MUL_FUNCS = (operator.mul, torch.mul)
 DIV_FUNCS = (operator.truediv, torch.div)
-OP_MODULES = {nn.Softmax: "softmax", nn.GELU: "gelu", nn.LayerNorm: "layernorm"}  # transformer non-linearities
+OP_MODULES = {nn.Softmax: Kind.SOFTMAX, nn.GELU: Kind.GELU, nn.LayerNorm: Kind.LAYERNORM}  # transformer non-linearities
 # producers whose output gets its own quantizer (a following BatchNorm / ReLU / constant scale taken with it)
-QUANTIZED_KINDS = ("input", "layer", "adder", "add", "pool", "matmul", "softmax", "gelu", "layernorm", "cat")
 
 
 @dataclass
@@ -453,61 +459,69 @@ def _is_scalar(node: fx.Node) -> bool:
     return False
 
 
-def _kind(node: fx.Node, modules) -> str:
+def kind_of(node: fx.Node, modules) -> Kind:
+    """The kind of a node of the captured graph (``qpipe.kinds``); ``modules``: the graph's named modules."""
     if node.op == "placeholder":
-        return "input"
+        return Kind.INPUT
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, (QConv2d, QLinear, nn.Conv2d, nn.Linear)):
-            return "layer"
+            return Kind.LAYER
         if isinstance(m, AdderConv2d):
-            return "adder"
+            return Kind.ADDER
         if isinstance(m, RELU_MODULES):
-            return "relu"
+            return Kind.RELU
         if isinstance(m, nn.BatchNorm2d):
-            return "bn"
+            return Kind.BN
         if isinstance(m, PASS_MODULES):
-            return "pass"
+            return Kind.PASS
         if isinstance(m, POOL_MODULES):
-            return "pool"
+            return Kind.POOL
         if isinstance(m, ActQuant):
-            return "aq"
+            return Kind.QUANTIZER
         for cls, kind in OP_MODULES.items():
             if isinstance(m, cls):
                 return kind
     if node.op == "call_function":
         if node.target in RELU_FUNCS:
-            return "relu"
+            return Kind.RELU
         if node.target in ADD_FUNCS:
-            return "add"
+            return Kind.ADD
         if node.target in PASS_FUNCS:
-            return "pass"
+            return Kind.PASS
         if node.target in POOL_FUNCS:
-            return "pool"
+            return Kind.POOL
         if node.target in MATMUL_FUNCS:
-            return "matmul"
+            return Kind.MATMUL
         if node.target is torch.cat:
-            return "cat"
+            return Kind.CAT
         if node.target in SPLIT_FUNCS:
-            return "split"
+            return Kind.SPLIT
         if node.target in MUL_FUNCS and any(isinstance(a, (int, float)) for a in node.args) \
                 and not any(isinstance(a, fx.Node) and _is_scalar(a) for a in node.args):
-            return "scale"  # multiplication by a constant number
+            return Kind.SCALE  # multiplication by a constant number
         if node.target in DIV_FUNCS and len(node.args) == 2 and isinstance(node.args[1], (int, float)) \
                 and isinstance(node.args[0], fx.Node) and not _is_scalar(node.args[0]):
-            return "scale"  # division by a constant number (BERT's scores / sqrt(d))
+            return Kind.SCALE  # division by a constant number (BERT's scores / sqrt(d))
     if node.op == "call_method":
         if node.target == "relu":
-            return "relu"
+            return Kind.RELU
         if node.target == "add":
-            return "add"
+            return Kind.ADD
         if node.target in PASS_METHODS:
-            return "pass"
+            return Kind.PASS
         if node.target in SPLIT_METHODS:
-            return "split"
+            return Kind.SPLIT
         if node.target == "mean":
-            return "pool"
-    return "other"
+            return Kind.POOL
+    return Kind.OTHER
+
+
+def _swap_in(gm: fx.GraphModule, kind: Kind, name: str, module: nn.Module, recipe: Recipe) -> None:
+    """Replace module ``name`` by the Q-module its kind's registry entry makes."""
+    factory = resolve(REGISTRY[kind].q_module)
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, factory(module, name, recipe))
 
 
 def share_state(gm: fx.GraphModule) -> QState:
@@ -535,20 +549,14 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                 raise QpipeError(f"module {node.target} is called twice; qpipe needs one call per Conv/Linear")
             layers.append(node.target)
     for name in layers:
-        parent, _, leaf = name.rpartition(".")
-        q = _to_q(modules[name])
-        q.qname = name
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, q)
+        _swap_in(gm, Kind.LAYER, name, modules[name], recipe)
     adders = []
     if recipe.adder.method != "none":
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(modules[node.target], AdderConv2d):
                 if node.target in adders:
                     raise QpipeError(f"module {node.target} is called twice; qpipe needs one call per adder layer")
-                parent, _, leaf = node.target.rpartition(".")
-                q = _to_q_adder(modules[node.target], recipe.adder.percentile)
-                q.qname = node.target
-                setattr(gm.get_submodule(parent) if parent else gm, leaf, q)
+                _swap_in(gm, Kind.ADDER, node.target, modules[node.target], recipe)
                 adders.append(node.target)
         modules = dict(gm.named_modules())
     int_ops = []
@@ -558,9 +566,8 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
             kind = next((k for cls, k in OP_MODULES.items() if isinstance(m, cls)), None)
             if kind and node.target in recipe.exclude:
                 continue
-            if kind and getattr(recipe.ops, kind) == "int" and recipe.quantizes_activations:
-                parent, _, leaf = node.target.rpartition(".")
-                setattr(gm.get_submodule(parent) if parent else gm, leaf, _to_int_op(m, kind, node.target))
+            if kind and getattr(recipe.ops, kind.value) == "int" and recipe.quantizes_activations:
+                _swap_in(gm, kind, node.target, m, recipe)
                 int_ops.append(node.target)
     modules = dict(gm.named_modules())
 
@@ -590,22 +597,22 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
             act.append(name)
 
         for node in list(gm.graph.nodes):
-            k = _kind(node, modules)
+            k = kind_of(node, modules)
             if node.op == "call_module" and node.target in recipe.exclude:
-                k = "excluded"  # a float module: its output is quantized again where a layer reads it
-            if k in QUANTIZED_KINDS or (k == "excluded" and _read_by_layer(node, modules)):
-                if k == "input" and not node.users:
+                k = Kind.EXCLUDED  # a float module: its output is quantized again where a layer reads it
+            if k in QUANTIZED_KINDS or (k == Kind.EXCLUDED and _read_by_layer(node, modules)):
+                if k == Kind.INPUT and not node.users:
                     continue
-                if k == "layer" and isinstance(modules[node.target], nn.Linear) and _feeds_add(node, modules):
+                if k == Kind.LAYER and isinstance(modules[node.target], nn.Linear) and _feeds_add(node, modules):
                     continue  # a Linear read only by a residual add: the add's quantizer takes its accumulator
                 if qat and not _qat_point(node, modules):
                     continue
-                nn_flag = (k in ("pool", "cat") and all(nonneg.get(x, False) or _kind(x, modules) == "relu"
+                nn_flag = (k in (Kind.POOL, Kind.CAT) and all(nonneg.get(x, False) or kind_of(x, modules) == Kind.RELU
                                                                    for x in node.all_input_nodes))
-                tail, relu = _tail(node, modules, scale=k in ("layer", "matmul"))
-                nn_flag = nn_flag or relu or k == "softmax"
+                tail, relu = _tail(node, modules, scale=k in (Kind.LAYER, Kind.MATMUL))
+                nn_flag = nn_flag or relu or k == Kind.SOFTMAX
                 bits = a.bits
-                if k == "add" and a.residual_bits is not None and not _read_by_layer(tail, modules):
+                if k == Kind.ADD and a.residual_bits is not None and not _read_by_layer(tail, modules):
                     bits = a.residual_bits
                 if adders and _read_by_adder(tail, modules):
                     bits = recipe.adder.input_bits  # each group re-quantizes it to its own b-bit grid
@@ -613,10 +620,10 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                 if fixed:
                     bits = OUT_BITS  # IntSoftmax writes 8-bit probabilities at the fixed scale 2^-8
                 insert(tail, None, nn_flag, bits, fixed)
-            elif k == "split" and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
+            elif k == Kind.SPLIT and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]   # a tuple: its items (getitem, a pass-through op) take the quantizer
                 owner[node], nonneg[node] = owner[src], nonneg.get(src, False)
-            elif k == "pass" and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
+            elif k == Kind.PASS and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]
                 insert(node, owner[src], nonneg.get(src, False), specs[owner[src]])
 
@@ -651,10 +658,10 @@ def _tail(node: fx.Node, modules, scale: bool = True) -> tuple[fx.Node, bool]:
     tail = node
     while len(tail.users) == 1:
         user = next(iter(tail.users))
-        uk = _kind(user, modules)
-        if uk == "relu":
+        uk = kind_of(user, modules)
+        if uk == Kind.RELU:
             return user, True
-        if not (uk == "bn" or (uk == "scale" and scale)):
+        if not (uk == Kind.BN or (uk == Kind.SCALE and scale)):
             break
         tail = user
     return tail, False
@@ -709,7 +716,7 @@ def _users_through_pass(node: fx.Node, modules) -> list[fx.Node]:
     out, todo = [], list(node.users)
     while todo:
         u = todo.pop()
-        if _kind(u, modules) in ("pass", "split"):
+        if kind_of(u, modules) in (Kind.PASS, Kind.SPLIT):
             todo.extend(u.users)
         else:
             out.append(u)
@@ -718,14 +725,14 @@ def _users_through_pass(node: fx.Node, modules) -> list[fx.Node]:
 
 def _feeds_add(node: fx.Node, modules) -> bool:
     users = _users_through_pass(node, modules)
-    return bool(users) and all(_kind(u, modules) == "add" for u in users)
+    return bool(users) and all(kind_of(u, modules) == Kind.ADD for u in users)
 
 
 def _read_by_adder(node: fx.Node, modules) -> bool:
     """True when an adder layer reads ``node`` (after a ReLU or pass-through ops)."""
     for u in _users_through_pass(node, modules):
-        k = _kind(u, modules)
-        if k == "adder" or (k == "relu" and _read_by_adder(u, modules)):
+        k = kind_of(u, modules)
+        if k == Kind.ADDER or (k == Kind.RELU and _read_by_adder(u, modules)):
             return True
     return False
 
@@ -733,8 +740,8 @@ def _read_by_adder(node: fx.Node, modules) -> bool:
 def _read_by_layer(node: fx.Node, modules) -> bool:
     """True when a Conv/Linear/matmul reads ``node`` (after a ReLU or pass-through ops)."""
     for u in _users_through_pass(node, modules):
-        k = _kind(u, modules)
-        if k in ("layer", "matmul", "adder") or (k == "relu" and _read_by_layer(u, modules)):
+        k = kind_of(u, modules)
+        if k in (Kind.LAYER, Kind.MATMUL, Kind.ADDER) or (k == Kind.RELU and _read_by_layer(u, modules)):
             return True
     return False
 

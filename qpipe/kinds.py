@@ -1,0 +1,102 @@
+"""The op kinds of a captured graph, and the one registry that says how each kind is quantized and exported.
+
+Graph capture sorts every node of a model into a ``Kind``. ``REGISTRY[kind]`` then names, for that kind, the
+PyTorch Q-module that replaces it (``prepare``), its step in the integer-only model (``to_int``), the QDQ
+exporter's emitter for what it leaves in the marked float graph, the ONNX emitter of its integer form and the
+label ``qpipe inspect`` prints. The names are ``module:attribute`` strings resolved on use, so this module
+imports no stage and each stage loads only its own pieces. Adding a kind is one entry here and that kind's own
+functions in each stage.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib
+from dataclasses import dataclass
+
+
+class Kind(str, enum.Enum):
+    """What a node of the captured graph is (``qpipe.pipeline.qmodel.kind_of``)."""
+
+    INPUT = "input"            # a graph input
+    LAYER = "layer"            # Conv2d / Linear: integer weights, int32 bias
+    ADDER = "adder"            # AdderNet layer (AdderQuant: grouped integer codes)
+    MATMUL = "matmul"          # a product of two activations (attention)
+    SOFTMAX = "softmax"
+    GELU = "gelu"
+    LAYERNORM = "layernorm"
+    ADD = "add"                # residual add of two tensors
+    CAT = "cat"                # torch.cat
+    POOL = "pool"              # average pooling / mean
+    EXCLUDED = "excluded"      # a module the recipe keeps whole and float (``exclude:``)
+    RELU = "relu"              # taken with the producer before it (its output grid starts at the zero point)
+    BN = "bn"                  # BatchNorm: folded into the layer before it, or kept after an adder
+    SCALE = "scale"            # multiplication / division by a constant number: folded into the requantisation
+    PASS = "pass"              # reshape, permute, max-pool, dropout, ...: values pass through on the same grid
+    SPLIT = "split"            # unbind / chunk / split: each item passes through on the input's grid
+    QUANTIZER = "aq"           # an activation quantizer qpipe inserted
+    OTHER = "other"            # anything else (shape arithmetic, constants, ...)
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """How one kind is quantized and exported; ``None`` where the kind has no such piece."""
+
+    label: str | None = None          # qpipe inspect's op column (None: not listed as a quantization point)
+    quantized_output: bool = False    # its output gets its own activation quantizer
+    q_module: str | None = None       # factory of the Q-module that replaces it: f(module, name, recipe)
+    int_module: str | None = None     # its step of the integer-only rewrite (builds the integer module)
+    qdq_emitter: str | None = None    # QDQ export of what it leaves in graph.onnx (its marks)
+    int_emitter: str | None = None    # the ONNX nodes of its integer form
+
+
+_P = "qpipe.pipeline.qmodel:"
+_I = "qpipe.pipeline.intmodel:"
+_X = "qpipe.export.qdq:"
+ACTIVATION_QDQ = _X + "activation_nodes"   # Clip -> QuantizeLinear -> DequantizeLinear (or APoTProject) on a mark
+
+REGISTRY: dict[Kind, KindSpec] = {
+    Kind.INPUT: KindSpec("input", True, int_module=_I + "Rewriter.visit_input", qdq_emitter=ACTIVATION_QDQ,
+                         int_emitter=_I + "_QuantizeFn.symbolic"),
+    Kind.LAYER: KindSpec("linear", True, _P + "to_q_layer", _I + "Rewriter.visit_layer", _X + "weight_nodes",
+                         _I + "_ConvFn.symbolic"),
+    Kind.ADDER: KindSpec("adder", True, _P + "to_q_adder", _I + "Rewriter.visit_adder", _X + "adder_nodes",
+                         _I + "_AdderFn.symbolic"),
+    Kind.MATMUL: KindSpec("matmul", True, None, _I + "Rewriter.visit_matmul", ACTIVATION_QDQ,
+                          _I + "_MatMulFn.symbolic"),
+    Kind.SOFTMAX: KindSpec("softmax", True, _P + "to_int_op", _I + "Rewriter.visit_int_op", _X + "int_op_nodes",
+                           _I + "_ShiftOpFn.symbolic"),
+    Kind.GELU: KindSpec("gelu", True, _P + "to_int_op", _I + "Rewriter.visit_int_op", _X + "int_op_nodes",
+                        _I + "_ShiftOpFn.symbolic"),
+    Kind.LAYERNORM: KindSpec("layernorm", True, _P + "to_int_op", _I + "Rewriter.visit_int_op", _X + "int_op_nodes",
+                             _I + "_LayerNormFn.symbolic"),
+    Kind.ADD: KindSpec("add", True, None, _I + "Rewriter.visit_add", ACTIVATION_QDQ, _I + "_AddFn.symbolic"),
+    Kind.CAT: KindSpec("concat", True, None, _I + "Rewriter.visit_cat", ACTIVATION_QDQ, None),
+    Kind.POOL: KindSpec("pool", True, None, _I + "Rewriter.visit_pool", ACTIVATION_QDQ, _I + "_SumPoolFn.symbolic"),
+    Kind.EXCLUDED: KindSpec("float (excluded)", False, None, None, ACTIVATION_QDQ, None),
+    Kind.RELU: KindSpec(int_module=_I + "Rewriter.visit_relu"),
+    Kind.BN: KindSpec(int_module=_I + "Rewriter.visit_bn", int_emitter=_I + "_AffineFn.symbolic"),
+    Kind.SCALE: KindSpec(int_module=_I + "Rewriter.visit_scale"),
+    Kind.PASS: KindSpec(int_module=_I + "Rewriter.visit_pass", int_emitter=_I + "_MaxPoolFn.symbolic"),
+    Kind.SPLIT: KindSpec(int_module=_I + "Rewriter.visit_pass"),
+    Kind.QUANTIZER: KindSpec(q_module=_P + "ActQuant", int_module=_I + "Rewriter.visit_quantizer",
+                             qdq_emitter=ACTIVATION_QDQ, int_emitter=_I + "_RequantFn.symbolic"),
+    Kind.OTHER: KindSpec(int_module=_I + "Rewriter.visit_pass"),
+}
+
+QUANTIZED_KINDS = frozenset(k for k, spec in REGISTRY.items() if spec.quantized_output)
+
+
+@functools.cache
+def resolve(ref: str):
+    """The object a ``module:attribute.path`` name stands for."""
+    module, _, attr = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def spec(kind: Kind) -> KindSpec:
+    return REGISTRY[kind]
