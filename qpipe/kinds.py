@@ -38,6 +38,12 @@ class Kind(str, enum.Enum):
     QUANTIZER = "aq"           # an activation quantizer qpipe inserted
     OTHER = "other"            # anything else (shape arithmetic, constants, ...)
 
+    def __str__(self) -> str:      # in messages: "ops.softmax", not "ops.Kind.SOFTMAX"
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
 
 @dataclass(frozen=True)
 class KindSpec:
@@ -48,41 +54,45 @@ class KindSpec:
     q_module: str | None = None       # factory of the Q-module that replaces it: f(module, name, recipe)
     int_module: str | None = None     # its step of the integer-only rewrite (builds the integer module)
     qdq_emitter: str | None = None    # QDQ export of what it leaves in graph.onnx (its marks)
-    int_emitter: str | None = None    # the ONNX nodes of its integer form
+    int_emitter: str | None = None    # the ONNX nodes of its integer form, from graph.onnx and the record
+    onnx_ops: tuple[str, ...] = ()    # the op types it appears as in graph.onnx (the int emitter's dispatch)
 
 
 _P = "qpipe.pipeline.qmodel:"
-_I = "qpipe.pipeline.intmodel:"
+_I = "qpipe.pipeline.intmodel:Rewriter."
 _X = "qpipe.export.qdq:"
+_N = "qpipe.export.intgraph:IntGraph."
 ACTIVATION_QDQ = _X + "activation_nodes"   # Clip -> QuantizeLinear -> DequantizeLinear (or APoTProject) on a mark
+PASSING = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather", "Identity", "Expand", "Slice",
+           "Split", "Dropout", "MaxPool", "Where")   # ONNX ops of pass-through kinds (Where: masked_fill)
 
 REGISTRY: dict[Kind, KindSpec] = {
-    Kind.INPUT: KindSpec("input", True, int_module=_I + "Rewriter.visit_input", qdq_emitter=ACTIVATION_QDQ,
-                         int_emitter=_I + "_QuantizeFn.symbolic"),
-    Kind.LAYER: KindSpec("linear", True, _P + "to_q_layer", _I + "Rewriter.visit_layer", _X + "weight_nodes",
-                         _I + "_ConvFn.symbolic"),
-    Kind.ADDER: KindSpec("adder", True, _P + "to_q_adder", _I + "Rewriter.visit_adder", _X + "adder_nodes",
-                         _I + "_AdderFn.symbolic"),
-    Kind.MATMUL: KindSpec("matmul", True, None, _I + "Rewriter.visit_matmul", ACTIVATION_QDQ,
-                          _I + "_MatMulFn.symbolic"),
-    Kind.SOFTMAX: KindSpec("softmax", True, _P + "to_int_op", _I + "Rewriter.visit_int_op", _X + "int_op_nodes",
-                           _I + "_ShiftOpFn.symbolic"),
-    Kind.GELU: KindSpec("gelu", True, _P + "to_int_op", _I + "Rewriter.visit_int_op", _X + "int_op_nodes",
-                        _I + "_ShiftOpFn.symbolic"),
-    Kind.LAYERNORM: KindSpec("layernorm", True, _P + "to_int_op", _I + "Rewriter.visit_int_op", _X + "int_op_nodes",
-                             _I + "_LayerNormFn.symbolic"),
-    Kind.ADD: KindSpec("add", True, None, _I + "Rewriter.visit_add", ACTIVATION_QDQ, _I + "_AddFn.symbolic"),
-    Kind.CAT: KindSpec("concat", True, None, _I + "Rewriter.visit_cat", ACTIVATION_QDQ, None),
-    Kind.POOL: KindSpec("pool", True, None, _I + "Rewriter.visit_pool", ACTIVATION_QDQ, _I + "_SumPoolFn.symbolic"),
+    Kind.INPUT: KindSpec("input", True, None, _I + "visit_input", ACTIVATION_QDQ, _N + "visit_quantizer"),
+    Kind.LAYER: KindSpec("linear", True, _P + "to_q_layer", _I + "visit_layer", _X + "weight_nodes",
+                         _N + "visit_layer", ("Conv", "Gemm")),
+    Kind.ADDER: KindSpec("adder", True, _P + "to_q_adder", _I + "visit_adder", _X + "adder_nodes",
+                         _N + "visit_adder", ("Adder", "Adder2d")),
+    Kind.MATMUL: KindSpec("matmul", True, None, _I + "visit_matmul", ACTIVATION_QDQ, _N + "visit_matmul",
+                          ("MatMul",)),
+    Kind.SOFTMAX: KindSpec("softmax", True, _P + "to_int_op", _I + "visit_int_op", _X + "int_op_nodes",
+                           _N + "visit_int_op", ("IntOp",)),
+    Kind.GELU: KindSpec("gelu", True, _P + "to_int_op", _I + "visit_int_op", _X + "int_op_nodes",
+                        _N + "visit_int_op", ("IntOp",)),
+    Kind.LAYERNORM: KindSpec("layernorm", True, _P + "to_int_op", _I + "visit_int_op", _X + "int_op_nodes",
+                             _N + "visit_int_op", ("IntOp",)),
+    Kind.ADD: KindSpec("add", True, None, _I + "visit_add", ACTIVATION_QDQ, _N + "visit_add", ("Add",)),
+    Kind.CAT: KindSpec("concat", True, None, _I + "visit_cat", ACTIVATION_QDQ, _N + "visit_cat", ("Concat",)),
+    Kind.POOL: KindSpec("pool", True, None, _I + "visit_pool", ACTIVATION_QDQ, _N + "visit_pool",
+                        ("GlobalAveragePool", "ReduceMean", "AveragePool")),
     Kind.EXCLUDED: KindSpec("float (excluded)", False, None, None, ACTIVATION_QDQ, None),
-    Kind.RELU: KindSpec(int_module=_I + "Rewriter.visit_relu"),
-    Kind.BN: KindSpec(int_module=_I + "Rewriter.visit_bn", int_emitter=_I + "_AffineFn.symbolic"),
-    Kind.SCALE: KindSpec(int_module=_I + "Rewriter.visit_scale"),
-    Kind.PASS: KindSpec(int_module=_I + "Rewriter.visit_pass", int_emitter=_I + "_MaxPoolFn.symbolic"),
-    Kind.SPLIT: KindSpec(int_module=_I + "Rewriter.visit_pass"),
-    Kind.QUANTIZER: KindSpec(q_module=_P + "ActQuant", int_module=_I + "Rewriter.visit_quantizer",
-                             qdq_emitter=ACTIVATION_QDQ, int_emitter=_I + "_RequantFn.symbolic"),
-    Kind.OTHER: KindSpec(int_module=_I + "Rewriter.visit_pass"),
+    Kind.RELU: KindSpec(int_module=_I + "visit_relu", int_emitter=_N + "visit_relu", onnx_ops=("Relu",)),
+    Kind.BN: KindSpec(int_module=_I + "visit_bn", int_emitter=_N + "visit_bn", onnx_ops=("BatchNormalization",)),
+    Kind.SCALE: KindSpec(int_module=_I + "visit_scale", int_emitter=_N + "visit_scale", onnx_ops=("Mul", "Div")),
+    Kind.PASS: KindSpec(int_module=_I + "visit_pass", int_emitter=_N + "visit_pass", onnx_ops=PASSING),
+    Kind.SPLIT: KindSpec(int_module=_I + "visit_pass", int_emitter=_N + "visit_pass"),
+    Kind.QUANTIZER: KindSpec(q_module=_P + "ActQuant", int_module=_I + "visit_quantizer", qdq_emitter=ACTIVATION_QDQ,
+                             int_emitter=_N + "visit_quantizer", onnx_ops=("Mark",)),
+    Kind.OTHER: KindSpec(int_module=_I + "visit_pass", int_emitter=_N + "visit_pass"),
 }
 
 QUANTIZED_KINDS = frozenset(k for k, spec in REGISTRY.items() if spec.quantized_output)

@@ -428,9 +428,11 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
-def build_int(art: Artifact, record: QuantRecord, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """``model.int.onnx``: the integer graph that calibrate exported from the PyTorch integer model, with the
-    ai.qpipe functions inside, at ``opset``, checked and simplified."""
+def build_int(art: Artifact, record: QuantRecord, graph: onnx.ModelProto, state: dict[str, np.ndarray],
+              opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """``model.int.onnx``: the integer-only graph written from the marked float graph, the record and the
+    integers (``intgraph.build_int_graph``), with the ai.qpipe functions inside, at ``opset``, checked and
+    simplified."""
     info = record.int_graph
     if info is None or not info.available:
         why = info.reason if info is not None else \
@@ -438,8 +440,9 @@ def build_int(art: Artifact, record: QuantRecord, opset: int = DEFAULT_OPSET) ->
         raise QpipeError(f"{art.path} has no integer-only graph: {why}")
     if opset < MIN_INT_OPSET:
         raise QpipeError(f"the integer-only graph needs --opset {MIN_INT_OPSET} or higher, got {opset}")
-    model = _load(art.file("graph.int.onnx"))
-    return _finish(model, opset, with_functions=True)
+    from .intgraph import build_int_graph
+
+    return _finish(build_int_graph(graph, record, state, opset), opset, with_functions=True)
 
 
 def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DEFAULT_OPSET, layout: str = "u8",
@@ -468,7 +471,7 @@ def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DE
             "all": ["qdq", "fp32"] + (["int"] if has_int else [])}[format]
     for f in todo:
         if f == "int":
-            model = build_int(art, record, opset)
+            model = build_int(art, record, graph, state, opset)
         else:
             model = build_qdq(graph, record, ints, layout=layout, opset=opset, strip_only=(f == "fp32"),
                               weight_layout=weight_layout, int4=int4, state=state)

@@ -176,19 +176,20 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
 def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: QuantRecord, shape, *, model_spec, weights,
                    data, images: int, command: str, int_graph_reason: str | None = None,
                    extra_files: dict[str, bytes] | None = None) -> None:
-    """Export the graphs of the frozen Q-model ``p`` and write the artifact folder ``out`` (staged, renamed)."""
+    """Export the marked float graph of the frozen Q-model ``p`` and write the artifact folder ``out`` (staged,
+    renamed). The record says whether the integer-only graph exists: where the PyTorch integer model can be
+    built, ``qpipe export --format int`` writes the same computation as ONNX; where not, the reason."""
     graph = export_graph(p, shape)
-    int_graph = None
     if int_graph_reason is None and not (recipe.quantizes_activations and recipe.quantizes_weights):
         int_graph_reason = "the integer-only graph needs quantized weights and activations"
     if int_graph_reason is None:
-        from .intmodel import export_int_graph, to_int
+        from .intmodel import to_int
 
         try:
-            int_graph = export_int_graph(to_int(p.gm, shape), shape)
+            to_int(p.gm, shape)
         except QpipeError as e:  # recorded: qpipe export --format int says why
             int_graph_reason = str(e)
-    record = record.replace(int_graph=IntGraph(int_graph is not None, int_graph_reason))
+    record = record.replace(int_graph=IntGraph(int_graph_reason is None, int_graph_reason))
     with staging_dir(out) as tmp:
         write_atomic(tmp / "recipe.yaml", dump_recipe(recipe))
         state = {k: v.detach().contiguous() for k, v in p.gm.state_dict().items()}
@@ -196,9 +197,6 @@ def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: QuantRe
         write_json(tmp / "qparams.json", record.to_json())
         write_atomic(tmp / "graph.onnx", graph)
         files = ["recipe.yaml", "quantized.safetensors", "qparams.json", "graph.onnx"]
-        if int_graph is not None:
-            write_atomic(tmp / "graph.int.onnx", int_graph)
-            files.append("graph.int.onnx")
         for name, blob in (extra_files or {}).items():
             write_atomic(tmp / name, blob)
             files.append(name)

@@ -13,19 +13,17 @@ the output dequantizer is an integer (int64 in PyTorch), with dyadic requantisat
 - Softmax / GELU / LayerNorm by IntSoftmax / IntGELU / IntLayerNorm (the recipe must say ``int`` for each);
 - max / global average pooling by their integer forms; and ends with one dequantisation to float logits.
 
-Every replacement is a module whose forward computes the integers with ``qpipe.pipeline.intops`` and whose
-ONNX symbolic writes the same computation as ConvInteger / MatMulInteger / ``ai.qpipe`` nodes, so
-``torch.onnx.export`` of this model *is* the integer-only ONNX graph (finished by ``qpipe export --format int``),
-and onnxruntime must reproduce its outputs exactly. Reshape / permute / getitem / flatten / expand stay as they
-are: they act on int64 tensors unchanged.
+Every replacement is a module whose forward computes the integers with ``qpipe.pipeline.intops``. This is the
+PyTorch side of the integer-only graph: ``qpipe.export.intgraph`` writes the same computation, step for step, as
+ConvInteger / MatMulInteger / ``ai.qpipe`` nodes from the artifact alone, and onnxruntime must reproduce this
+model's outputs exactly (parity 0). Reshape / permute / getitem / flatten / expand stay as they are: they act on
+int64 tensors unchanged.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import operator
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,8 +34,6 @@ from torch.fx.passes.shape_prop import ShapeProp
 from qpipe.errors import QpipeError
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
-from qpipe.onnx_names import QPIPE_DOMAIN as QDOMAIN
-from qpipe.onnx_names import TORCHSCRIPT_OPSET as OPSET_INT_GRAPH
 from qpipe.reference.intops import OUT_BITS, dyadic
 
 from . import intops
@@ -87,41 +83,12 @@ class Const:
         self.make = make  # grid -> node of the new graph that yields the integers
 
 
-# ---------------------------------------------------------------- the integer modules and their ONNX symbolics
+# ---------------------------------------------------------------- the integer modules
 
-def _q(g, op: str, *args):
-    """An ai.qpipe node whose output has the type and shape of its first input (what the op preserves)."""
-    out = g.op(f"{QDOMAIN}::{op}", *args)
-    out.setType(args[0].type())
-    return out
+def _quantize(x, scale: float, zp: int, qmin: int, qmax: int):
+    s = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    return torch.clamp(torch.round(x.float() / s) + zp, qmin, qmax).to(torch.int64)
 
-
-def _c(g, v, dtype=torch.int64):
-    return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
-
-
-def _to_u8(g, x, zero_point: int, signed: bool):
-    """int64 grid values -> uint8 container (+128 for signed grids) and its zero point (u8 x u8 kernels)."""
-    shift = 128 if signed else 0
-    if shift:
-        x = g.op("Add", x, _c(g, shift))
-    return g.op("Cast", x, to_i=2), _c(g, zero_point + shift, torch.uint8)  # 2 = UINT8
-
-
-class _QuantizeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale: float, zp: int, qmin: int, qmax: int):
-        s = torch.tensor(scale, dtype=torch.float32, device=x.device)
-        return torch.clamp(torch.round(x.float() / s) + zp, qmin, qmax).to(torch.int64)
-
-    @staticmethod
-    def symbolic(g, x, scale, zp, qmin, qmax):
-        signed = qmin < 0
-        q = g.op("QuantizeLinear", x, _c(g, scale, torch.float32), _c(g, zp, torch.int8 if signed else torch.uint8))
-        q = g.op("Cast", q, to_i=7)  # 7 = INT64
-        if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
-            q = _q(g, "Clamp", q, _c(g, qmin), _c(g, qmax))
-        return q
 
 
 class IntQuantize(nn.Module):
@@ -132,19 +99,12 @@ class IntQuantize(nn.Module):
 
     def forward(self, x):
         gr = self.grid
-        return _QuantizeFn.apply(x, gr.scale, gr.zero_point, gr.qmin, gr.qmax)
+        return _quantize(x, gr.scale, gr.zero_point, gr.qmin, gr.qmax)
 
 
-class _RequantFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, m, k, zp: int, qmin: int, qmax: int, zin: int):
-        return intops.requantize(x - zin, m, k, zp, qmin, qmax)
+def _requant(x, m, k, zp: int, qmin: int, qmax: int, zin: int):
+    return intops.requantize(x - zin, m, k, zp, qmin, qmax)
 
-    @staticmethod
-    def symbolic(g, x, m, k, zp, qmin, qmax, zin):
-        if zin:
-            x = g.op("Sub", x, _c(g, zin))
-        return _q(g, "Requant", x, m, k, _c(g, zp), _c(g, qmin), _c(g, qmax))
 
 
 def _mk(multiplier, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,30 +132,14 @@ class IntRequant(nn.Module):
         self.zp, self.lo, self.hi, self.zin = grid.zero_point, lo, grid.qmax, zin
 
     def forward(self, x):
-        return _RequantFn.apply(x, self.m, self.k, self.zp, self.lo, self.hi, self.zin)
+        return _requant(x, self.m, self.k, self.zp, self.lo, self.hi, self.zin)
 
 
-class _ConvFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, zx: int, signed: bool, stride, padding, dilation, groups):
-        y = F.conv2d((x - zx).double(), w.double(), None, stride, padding, dilation, groups)
-        y = torch.round(y).to(torch.int64)
-        return y if b is None else y + b.reshape(1, -1, 1, 1)
+def _conv(x, w, b, zx: int, signed: bool, stride, padding, dilation, groups):
+    y = F.conv2d((x - zx).double(), w.double(), None, stride, padding, dilation, groups)
+    y = torch.round(y).to(torch.int64)
+    return y if b is None else y + b.reshape(1, -1, 1, 1)
 
-    @staticmethod
-    def symbolic(g, x, w, b, zx, signed, stride, padding, dilation, groups):
-        xu, zu = _to_u8(g, x, zx, signed)
-        wu = g.op("Cast", g.op("Add", w, _c(g, 128)), to_i=2)
-        kernel = w.type().sizes()[2:] if w.type().sizes() else None
-        attrs = {"strides_i": list(stride), "pads_i": list(padding) * 2, "dilations_i": list(dilation),
-                 "group_i": groups}
-        if kernel:
-            attrs["kernel_shape_i"] = list(kernel)
-        y = g.op("ConvInteger", xu, wu, zu, _c(g, 128, torch.uint8), **attrs)
-        y = g.op("Cast", y, to_i=7)
-        if b is not None:
-            y = g.op("Add", y, g.op("Reshape", b, _c(g, [1, -1, 1, 1])))
-        return y
 
 
 def _require_8bit(grid: Grid, what: str) -> None:
@@ -224,20 +168,13 @@ class IntConv(nn.Module):
             raise QpipeError(f"{conv.qname}: padding={self.padding!r} is not supported in the integer graph")
 
     def forward(self, x):
-        return _ConvFn.apply(x, self.w, self.b, self.zx, self.signed, self.stride, self.padding, self.dilation,
+        return _conv(x, self.w, self.b, self.zx, self.signed, self.stride, self.padding, self.dilation,
                              self.groups)
 
 
-class _MatMulFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, za: int, zb: int, sa: bool, sb: bool):
-        return torch.round(torch.matmul((a - za).double(), (b - zb).double())).to(torch.int64)
+def _mat_mul(a, b, za: int, zb: int, sa: bool, sb: bool):
+    return torch.round(torch.matmul((a - za).double(), (b - zb).double())).to(torch.int64)
 
-    @staticmethod
-    def symbolic(g, a, b, za, zb, sa, sb):
-        au, zau = _to_u8(g, a, za, sa)
-        bu, zbu = _to_u8(g, b, zb, sb)
-        return g.op("Cast", g.op("MatMulInteger", au, bu, zau, zbu), to_i=7)
 
 
 class IntMatMul(nn.Module):
@@ -250,21 +187,13 @@ class IntMatMul(nn.Module):
         self.za, self.zb, self.sa, self.sb = ga.zero_point, gb.zero_point, ga.signed, gb.signed
 
     def forward(self, a, b):
-        return _MatMulFn.apply(a, b, self.za, self.zb, self.sa, self.sb)
+        return _mat_mul(a, b, self.za, self.zb, self.sa, self.sb)
 
 
-class _LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, wt, b, zx: int, signed: bool):
-        y = torch.round(torch.matmul((x - zx).double(), wt.double())).to(torch.int64)
-        return y if b is None else y + b
+def _linear(x, wt, b, zx: int, signed: bool):
+    y = torch.round(torch.matmul((x - zx).double(), wt.double())).to(torch.int64)
+    return y if b is None else y + b
 
-    @staticmethod
-    def symbolic(g, x, wt, b, zx, signed):
-        xu, zu = _to_u8(g, x, zx, signed)
-        wu = g.op("Cast", g.op("Add", wt, _c(g, 128)), to_i=2)
-        y = g.op("Cast", g.op("MatMulInteger", xu, wu, zu, _c(g, 128, torch.uint8)), to_i=7)
-        return y if b is None else g.op("Add", y, b)
 
 
 class IntLinear(nn.Module):
@@ -276,20 +205,14 @@ class IntLinear(nn.Module):
         self.zx, self.signed = grid.zero_point, grid.signed
 
     def forward(self, x):
-        return _LinearFn.apply(x, self.wt, self.b, self.zx, self.signed)
+        return _linear(x, self.wt, self.b, self.zx, self.signed)
 
 
-class _AddFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, za: int, ma, ka, b, zb: int, mb, kb, zp: int, qmin: int, qmax: int):
-        ya = intops.requantize(a - za, ma, ka)
-        yb = intops.requantize(b - zb, mb, kb)
-        return torch.clamp(ya + yb + zp, qmin, qmax)
+def _add(a, za: int, ma, ka, b, zb: int, mb, kb, zp: int, qmin: int, qmax: int):
+    ya = intops.requantize(a - za, ma, ka)
+    yb = intops.requantize(b - zb, mb, kb)
+    return torch.clamp(ya + yb + zp, qmin, qmax)
 
-    @staticmethod
-    def symbolic(g, a, za, ma, ka, b, zb, mb, kb, zp, qmin, qmax):
-        return _q(g, "IntAdd", a, _c(g, za), ma, ka, b, _c(g, zb), mb, kb, _c(g, zp), _c(g, qmin),
-                    _c(g, qmax))
 
 
 class IntAdd(nn.Module):
@@ -306,33 +229,21 @@ class IntAdd(nn.Module):
         self.zp, self.lo, self.hi = grid.zero_point, lo, grid.qmax
 
     def forward(self, a, b):
-        return _AddFn.apply(a, self.za, self.m0, self.k0, b, self.zb, self.m1, self.k1, self.zp, self.lo, self.hi)
+        return _add(a, self.za, self.m0, self.k0, b, self.zb, self.m1, self.k1, self.zp, self.lo, self.hi)
 
 
-class _ShiftOpFn(torch.autograd.Function):
+def _shift_op(x, zin: int, x0: int, op: str):
     """IntSoftmax or IntGELU of (x - z_in) with ShiftExp's x0."""
-
-    @staticmethod
-    def forward(ctx, x, zin: int, x0: int, op: str):
-        return (intops.softmax if op == "IntSoftmax" else intops.gelu)(x - zin, x0)
-
-    @staticmethod
-    def symbolic(g, x, zin, x0, op):
-        return _q(g, op, g.op("Sub", x, _c(g, zin)), _c(g, x0))
+    return (intops.softmax if op == "IntSoftmax" else intops.gelu)(x - zin, x0)
 
 
-class _LayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, zin: int, m, k: int, b, zp: int, qmin: int, qmax: int):
-        from qpipe.reference.intops import LayerNormParams
 
-        p = LayerNormParams(tuple(m.tolist()), k, tuple(b.tolist()), zp, qmin, qmax)
-        return intops.layernorm(x - zin, p)
+def _layer_norm(x, zin: int, m, k: int, b, zp: int, qmin: int, qmax: int):
+    from qpipe.reference.intops import LayerNormParams
 
-    @staticmethod
-    def symbolic(g, x, zin, m, k, b, zp, qmin, qmax):
-        return _q(g, "IntLayerNorm", g.op("Sub", x, _c(g, zin)), m, _c(g, k), b, _c(g, zp),
-                    _c(g, qmin), _c(g, qmax))
+    p = LayerNormParams(tuple(m.tolist()), k, tuple(b.tolist()), zp, qmin, qmax)
+    return intops.layernorm(x - zin, p)
+
 
 
 class IntNonlinear(nn.Module):
@@ -351,21 +262,14 @@ class IntNonlinear(nn.Module):
 
     def forward(self, x):
         if self.kind in ("softmax", "gelu"):
-            return _ShiftOpFn.apply(x, self.zin, self.x0, "IntSoftmax" if self.kind == "softmax" else "IntGELU")
-        return _LayerNormFn.apply(x, self.zin, self.ln_m, self.k, self.ln_b, self.zp, self.qmin, self.qmax)
+            return _shift_op(x, self.zin, self.x0, "IntSoftmax" if self.kind == "softmax" else "IntGELU")
+        return _layer_norm(x, self.zin, self.ln_m, self.k, self.ln_b, self.zp, self.qmin, self.qmax)
 
 
-class _MaxPoolFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernel, stride, padding, signed: bool):
-        # -inf padding as MaxPool; values are exact in float64
-        return F.max_pool2d(x.double(), kernel, stride, padding).to(torch.int64)
+def _max_pool(x, kernel, stride, padding, signed: bool):
+    # -inf padding as MaxPool; values are exact in float64
+    return F.max_pool2d(x.double(), kernel, stride, padding).to(torch.int64)
 
-    @staticmethod
-    def symbolic(g, x, kernel, stride, padding, signed):
-        xc = g.op("Cast", x, to_i=3 if signed else 2)  # INT8 / UINT8 (MaxPool has no int64 kernel)
-        y = g.op("MaxPool", xc, kernel_shape_i=list(kernel), strides_i=list(stride), pads_i=list(padding) * 2)
-        return g.op("Cast", y, to_i=7)
 
 
 class IntMaxPool(nn.Module):
@@ -379,17 +283,12 @@ class IntMaxPool(nn.Module):
         self.signed = grid.signed
 
     def forward(self, x):
-        return _MaxPoolFn.apply(x, self.kernel, self.stride, self.padding, self.signed)
+        return _max_pool(x, self.kernel, self.stride, self.padding, self.signed)
 
 
-class _SumPoolFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, zin: int):
-        return (x - zin).sum(dim=(2, 3), keepdim=True)
+def _sum_pool(x, zin: int):
+    return (x - zin).sum(dim=(2, 3), keepdim=True)
 
-    @staticmethod
-    def symbolic(g, x, zin):
-        return g.op("ReduceSum", g.op("Sub", x, _c(g, zin)), _c(g, [2, 3]), keepdims_i=1)
 
 
 class IntSumPool(nn.Module):
@@ -400,18 +299,12 @@ class IntSumPool(nn.Module):
         self.zin = zin
 
     def forward(self, x):
-        return _SumPoolFn.apply(x, self.zin)
+        return _sum_pool(x, self.zin)
 
 
-class _DequantFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale: float, zp: int):
-        return (x - zp).float() * torch.tensor(scale, dtype=torch.float32, device=x.device)
+def _dequant(x, scale: float, zp: int):
+    return (x - zp).float() * torch.tensor(scale, dtype=torch.float32, device=x.device)
 
-    @staticmethod
-    def symbolic(g, x, scale, zp):
-        x32 = g.op("Cast", x, to_i=6)  # INT32
-        return g.op("DequantizeLinear", x32, _c(g, scale, torch.float32), _c(g, zp, torch.int32))
 
 
 class Dequantize(nn.Module):
@@ -420,41 +313,21 @@ class Dequantize(nn.Module):
         self.scale, self.zp = grid.scale, grid.zero_point
 
     def forward(self, x):
-        return _DequantFn.apply(x, self.scale, self.zp)
+        return _dequant(x, self.scale, self.zp)
 
 
-class _AdderFn(torch.autograd.Function):
+def _adder(x, perm, zin: int, qmax: int, stride: int, padding: int, *params):
     """AdderQuant layer on a grid input: per group, the input requantised to the group's unsigned b-bit codes,
     ``-sum |x - 2 w|`` exactly (ai.qpipe AdderInteger), plus the integer clamp bias; groups concatenated and put
     back in channel order. ``params``: (m, k, int8 weight codes w, bias) per group; the activation grid is half
     the weight step, so the codes enter as 2 w."""
+    outs = []
+    for i in range(0, len(params), 4):
+        m, k, w, b = params[i : i + 4]
+        codes = intops.requantize(x - zin, m, k, 0, 0, qmax)
+        outs.append(adder2d_forward(codes, 2 * w.to(torch.int64), stride, padding) + b.reshape(1, -1, 1, 1))
+    return torch.cat(outs, 1).index_select(1, perm)
 
-    @staticmethod
-    def forward(ctx, x, perm, zin: int, qmax: int, stride: int, padding: int, *params):
-        outs = []
-        for i in range(0, len(params), 4):
-            m, k, w, b = params[i : i + 4]
-            codes = intops.requantize(x - zin, m, k, 0, 0, qmax)
-            outs.append(adder2d_forward(codes, 2 * w.to(torch.int64), stride, padding) + b.reshape(1, -1, 1, 1))
-        return torch.cat(outs, 1).index_select(1, perm)
-
-    @staticmethod
-    def symbolic(g, x, perm, zin, qmax, stride, padding, *params):
-        if zin:
-            x = g.op("Sub", x, _c(g, zin))
-        outs = []
-        for i in range(0, len(params), 4):
-            m, k, w, b = params[i : i + 4]
-            codes = _q(g, "Requant", x, m, k, _c(g, 0), _c(g, 0), _c(g, qmax))
-            # int8 weight codes at twice the activation step (the function forms 2 w in int32)
-            acc = g.op(f"{QDOMAIN}::AdderInteger", g.op("Cast", codes, to_i=2), g.op("Cast", w, to_i=3),
-                       _c(g, 2, torch.int32),
-                       strides_i=[stride, stride], pads_i=[padding] * 4)   # UINT8 codes, INT32 weights
-            acc.setType(x.type().with_dtype(torch.int32).with_sizes([None] * 4))
-            acc = g.op("Add", g.op("Cast", acc, to_i=7), g.op("Reshape", b, _c(g, [1, -1, 1, 1])))
-            outs.append(acc)
-        y = outs[0] if len(outs) == 1 else g.op("Concat", *outs, axis_i=1)
-        return g.op("Gather", y, perm, axis_i=1)
 
 
 class IntAdder(nn.Module):
@@ -488,18 +361,12 @@ class IntAdder(nn.Module):
         params = []
         for gi in range(self.n_groups):
             params += [getattr(self, f"{n}{gi}") for n in ("m", "k", "w", "b")]
-        return _AdderFn.apply(x, self.perm, self.zin, self.qmax, self.stride, self.padding, *params)
+        return _adder(x, self.perm, self.zin, self.qmax, self.stride, self.padding, *params)
 
 
-class _AffineFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, sign, bias):
-        return x * sign.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+def _affine(x, sign, bias):
+    return x * sign.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
 
-    @staticmethod
-    def symbolic(g, x, sign, bias):
-        shape = _c(g, [1, -1, 1, 1])
-        return g.op("Add", g.op("Mul", x, g.op("Reshape", sign, shape)), g.op("Reshape", bias, shape))
 
 
 class IntBatchNorm(nn.Module):
@@ -520,7 +387,7 @@ class IntBatchNorm(nn.Module):
         self.scales = tuple(new.tolist())
 
     def forward(self, x):
-        return _AffineFn.apply(x, self.sign, self.bias)
+        return _affine(x, self.sign, self.bias)
 
 
 # ---------------------------------------------------------------- the rewrite
@@ -872,17 +739,3 @@ def to_int(gm: fx.GraphModule, input_shape) -> fx.GraphModule:
     model.graph.lint()
     model.recompile()
     return model.eval()
-
-
-def export_int_graph(model: fx.GraphModule, input_shape) -> bytes:
-    """TorchScript ONNX export of the integer model: ai.qpipe nodes without their functions (``qpipe export
-    --format int`` adds them, converts the opset and checks the graph)."""
-    buf = io.BytesIO()
-    dummy = torch.zeros((2, *input_shape))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), buf, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=OPSET_INT_GRAPH, dynamo=False, do_constant_folding=True,
-                          custom_opsets={QDOMAIN: 1}, autograd_inlining=False)
-    return buf.getvalue()

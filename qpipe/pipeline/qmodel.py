@@ -61,6 +61,12 @@ class Mode(str, enum.Enum):
     QUANT = "quant"      # the quantized model (fake-quantized activations, dequantized integer weights)
     MARK = "mark"        # the float graph with qpipe.mark nodes, for the TorchScript exporter
 
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
 
 @dataclass
 class QState:
