@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 import functools
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 class Kind(str, enum.Enum):
@@ -66,7 +68,7 @@ ACTIVATION_QDQ = _X + "activation_nodes"   # Clip -> QuantizeLinear -> Dequantiz
 PASSING = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather", "Identity", "Expand", "Slice",
            "Split", "Dropout", "MaxPool", "Where")   # ONNX ops of pass-through kinds (Where: masked_fill)
 
-REGISTRY: dict[Kind, KindSpec] = {
+REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     Kind.INPUT: KindSpec("input", True, None, _I + "visit_input", ACTIVATION_QDQ, _N + "visit_quantizer"),
     Kind.LAYER: KindSpec("linear", True, _P + "to_q_layer", _I + "visit_layer", _X + "weight_nodes",
                          _N + "visit_layer", ("Conv", "Gemm")),
@@ -93,7 +95,7 @@ REGISTRY: dict[Kind, KindSpec] = {
     Kind.QUANTIZER: KindSpec(q_module=_P + "ActQuant", int_module=_I + "visit_quantizer", qdq_emitter=ACTIVATION_QDQ,
                              int_emitter=_N + "visit_quantizer", onnx_ops=("Mark",)),
     Kind.OTHER: KindSpec(int_module=_I + "visit_pass", int_emitter=_N + "visit_pass"),
-}
+})
 
 QUANTIZED_KINDS = frozenset(k for k, spec in REGISTRY.items() if spec.quantized_output)
 

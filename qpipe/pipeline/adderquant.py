@@ -23,20 +23,30 @@ from qpipe.errors import QpipeError
 from qpipe.record import AdderGroup, AdderRecord
 from qpipe.reference import adder as ref
 
-from .qmodel import Prepared, mode, observing, only_quantize, sqnr_db
+from .qmodel import AdderRangeObserver, Prepared, mode, observing, only_quantize, sqnr_db
 
 
 @torch.no_grad()
 def observe_ranges(p: Prepared, batches) -> int:
-    """Step 1: the float model over ``batches``; each adder layer keeps its running-max range r."""
+    """Step 1: the float model over ``batches``; each adder layer's range observer keeps its running-max range r,
+    which becomes the layer's ``act_range`` when the batches are done."""
+    adders = [p.gm.get_submodule(name) for name in p.adders]
     n = 0
-    with observing(p.gm) as state:
-        for x, _ in batches:
-            state.batch = n
-            p.gm(x)
-            n += len(x)
-    if n == 0:
-        raise QpipeError("calibration data is empty")
+    try:
+        for m in adders:
+            m.range_observer = AdderRangeObserver(m.percentile)
+        with observing(p.gm) as state:
+            for x, _ in batches:
+                state.batch = n
+                p.gm(x)
+                n += len(x)
+        if n == 0:
+            raise QpipeError("calibration data is empty")
+        for m in adders:
+            m.act_range = m.range_observer.range().to(m.act_range.device)
+    finally:
+        for m in adders:
+            m.range_observer = None
     return n
 
 

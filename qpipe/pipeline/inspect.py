@@ -5,6 +5,7 @@ pooling, with the quantizers on its inputs and output and their bits."""
 from __future__ import annotations
 
 import copy
+from types import MappingProxyType
 
 from torch import fx, nn
 
@@ -16,7 +17,7 @@ from .capture import _owner
 from .qmodel import ActQuant, _IntOpMixin, kind_of, prepare
 
 POINT_KINDS = tuple(k for k, spec in REGISTRY.items() if spec.label is not None)
-INT_OP_LABEL = {Kind.SOFTMAX: INT_SOFTMAX, Kind.GELU: INT_GELU, Kind.LAYERNORM: INT_LAYERNORM}
+INT_OP_LABEL = MappingProxyType({Kind.SOFTMAX: INT_SOFTMAX, Kind.GELU: INT_GELU, Kind.LAYERNORM: INT_LAYERNORM})
 
 
 def _describe(aq: ActQuant) -> str:

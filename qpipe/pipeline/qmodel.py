@@ -13,6 +13,7 @@ import enum
 import math
 import operator
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -174,11 +175,28 @@ class QLinear(_QWeightMixin, nn.Linear):
         return F.linear(x, self.qweight(), self.qbias())
 
 
+class AdderRangeObserver:
+    """AdderQuant's activation range r of one adder layer: the running max over batches of the ``percentile``
+    of |x| (collect with ``observe``, conclude with ``range``)."""
+
+    def __init__(self, percentile: float):
+        self.percentile = percentile
+        self.value = torch.tensor(0.0)
+
+    def observe(self, x: torch.Tensor) -> None:
+        v = x.detach().abs().flatten()
+        k = max(int(math.ceil(self.percentile / 100.0 * v.numel())), 1)
+        self.value = torch.maximum(self.value.to(v.device), v.kthvalue(k).values.float())
+
+    def range(self) -> torch.Tensor:
+        return self.value
+
+
 class QAdder2d(AdderConv2d):
     """An adder layer quantized by AdderQuant once frozen (``freeze_adder``): output filters in groups, each group
     re-quantizes the input to unsigned b-bit codes at step S/(2^b-1) and holds signed b-bit weight codes at step
     2S/(2^b-1), so ``-sum |x_int - 2 w_int|`` is exact in integers; plus the lossless-clamp bias per filter.
-    Observe mode records the activation range r (running max of a percentile of |x|) while it is not frozen."""
+    In observe mode it hands its input to its range observer, where ``adderquant.observe_ranges`` attached one."""
 
     def _init_qbuffers(self, percentile: float):
         self.register_buffer("weight_int", None)    # (O, C, kh, kw) int8 codes
@@ -188,6 +206,7 @@ class QAdder2d(AdderConv2d):
         self.register_buffer("act_range", torch.tensor(0.0))
         self.register_buffer("bits", torch.tensor(8))
         self.percentile = percentile
+        self.range_observer: AdderRangeObserver | None = None
         self.qname = ""
         self.qstate = QState()
 
@@ -200,10 +219,8 @@ class QAdder2d(AdderConv2d):
     def forward(self, x):
         m = self.qstate.mode
         frozen = self.weight_int is not None
-        if m == Mode.OBSERVE and not frozen:
-            v = x.detach().abs().flatten()
-            k = max(int(math.ceil(self.percentile / 100.0 * v.numel())), 1)
-            self.act_range = torch.maximum(self.act_range, v.kthvalue(k).values.float())
+        if m == Mode.OBSERVE and not frozen and self.range_observer is not None:
+            self.range_observer.observe(x)
         if not frozen or m == Mode.FLOAT or not self.qstate.active(self.qname):
             return super().forward(x)
         if m == Mode.MARK:  # the float adder on marked weights: the QDQ exporter expands it per group
@@ -434,7 +451,7 @@ SPLIT_FUNCS = (torch.unbind, torch.chunk, torch.split)   # tuple outputs: their 
 SPLIT_METHODS = ("unbind", "chunk", "split")
 MUL_FUNCS = (operator.mul, torch.mul)
 DIV_FUNCS = (operator.truediv, torch.div)
-OP_MODULES = {nn.Softmax: Kind.SOFTMAX, nn.GELU: Kind.GELU, nn.LayerNorm: Kind.LAYERNORM}  # transformer non-linearities
+OP_MODULES = MappingProxyType({nn.Softmax: Kind.SOFTMAX, nn.GELU: Kind.GELU, nn.LayerNorm: Kind.LAYERNORM})  # read-only
 # producers whose output gets its own quantizer (a following BatchNorm / ReLU / constant scale taken with it)
 
 
