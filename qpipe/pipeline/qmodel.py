@@ -299,19 +299,24 @@ class ActQuant(nn.Module):
 
     def forward(self, x):
         m = self.qstate.mode
-        if self.apot and self.source is not None:
-            return x  # after max-pool / flatten: already on the source's levels (projecting again could move them)
-        qat = getattr(self, "qat", None)   # QAT (attached submodule): learned-clipping levels
-        if qat is not None and m == Mode.QUANT:
-            return qat(x)
         if m == Mode.OBSERVE:
             if self.observer is not None and self.source is None:
                 self.observer.observe(x, self.qstate.batch)
             return x
+        if self.apot and self.source is not None:
+            return x  # after max-pool / flatten: already on the source's levels (projecting again could move them)
+        qat = getattr(self, "qat", None)   # QAT (attached submodule): learned-clipping levels, before any scale
+        if qat is not None and m == Mode.QUANT:
+            return qat(x)
         if m == Mode.FLOAT or not self.scale > 0 or not self.qstate.active(self.qname):
             return x
         if m == Mode.MARK:
             return Mark.apply(x, self.source or self.qname)
+        return self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized values on the frozen grid, or with what reconstruction attached: a learned LSQ step,
+        or the straight-through estimator; APoT levels project to their codes."""
         lsq_scale = getattr(self, "lsq_scale", None)  # LSQ step (attached parameter) learned in reconstruction
         if lsq_scale is not None:
             return lsq_fake_quantize(x, lsq_scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
