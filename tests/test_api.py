@@ -1,6 +1,7 @@
 """The Python API: an nn.Module in memory and plain (x, y) batches, as users call it from notebooks."""
 
 import torch
+from helpers import PARITY_TOP1
 
 import qpipe
 from qpipe.data import digits
@@ -21,7 +22,7 @@ def test_module_and_batches_through_calibrate_export_evaluate_check(tmp_path):
     qpipe.export(art, format="qdq")
     m = qpipe.evaluate(art.path, test, backend="ort", model=model, latency=False, progress=False)
     assert m["accuracy"]["n"] == 450 and m["accuracy"]["top1"] >= 0.985
-    assert m["parity"]["top1_agreement"] >= 0.995
+    assert m["parity"]["top1_agreement"] >= PARITY_TOP1
     assert all(r.ok for r in qpipe.check(art))
     # without the module at hand, onnxruntime still evaluates (no parity)
     m2 = qpipe.evaluate(art.path, test, backend="ort", latency=False, progress=False, write=False)

@@ -8,14 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
+from helpers import ROOT, assert_one_line_error, run_cli
 
-from qpipe.cli import main
 from qpipe.sweep import load_grid
-
-ROOT = Path(__file__).resolve().parents[1]
 
 GRID = """
 model: digits-cnn
@@ -50,10 +46,8 @@ def test_grid_expands_axes_and_cells(tmp_path):
 def test_sweep_writes_results_and_a_failed_cell_does_not_stop_the_others(tmp_path, capsys):
     grid = write_grid(tmp_path, bits="9")  # bits 9 is out of range: those cells fail, with the error
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as e:
-        main(["sweep", str(grid), "--out", str(out), "--jobs", "2"])
-    assert e.value.code == 0
-    printed = capsys.readouterr().out
+    code, printed, _ = run_cli(capsys, "sweep", str(grid), "--out", str(out), "--jobs", "2")
+    assert code == 0
     assert "6 cells (0 reused, 2 failed)" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 6
@@ -99,10 +93,8 @@ def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
                          ("axes: {weights.bits: [8]}\nrows: [seed]\n", "table key 'seed'")]:
         p = tmp_path / "bad.yaml"
         p.write_text(text)
-        with pytest.raises(SystemExit) as e:
-            main(["sweep", str(p), "--out", str(tmp_path / "o")])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
+        code, _, err = run_cli(capsys, "sweep", str(p), "--out", str(tmp_path / "o"))
+        assert_one_line_error(code, err, needle)
 
 
 def test_cells_with_and_without_bits_and_a_per_cell_format(tmp_path):

@@ -63,7 +63,7 @@ def FloorShift(a: INT64, k: INT64) -> INT64:
 def IMin(a: INT64, b: INT64) -> INT64:
     """Elementwise minimum of int64 tensors as ``Where(Less(a, b), a, b)``. Not ``Min``/``Max``/``Clip``:
     onnxruntime 1.31's int64 Min, Max and Clip compare only the low 32 bits when broadcasting over a tensor of
-    more than one element (Min(2540848425, 32767) gives 2540848425; tests/test_intops.py)."""
+    more than one element (Min(2540848425, 32767) gives 2540848425; tests/export/test_intops.py)."""
     return op.Where(op.Less(a, b), a, b)
 
 

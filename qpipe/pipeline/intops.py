@@ -1,6 +1,6 @@
 """Integer-only ops in PyTorch (int64 tensors; device from the input): the twins of ``qpipe.reference.intops``.
 
-Same constants, same floor divisions, same results bit for bit (tests/test_intops.py). The constants come from
+Same constants, same floor divisions, same results bit for bit (tests/export/test_intops.py). The constants come from
 the reference's ``*_params`` functions, computed once when a model is calibrated.
 """
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import write_cifar
 from PIL import Image
 
 from qpipe.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, load_data
@@ -10,6 +11,9 @@ from qpipe.errors import QpipeError
 
 IM_MEAN = np.array(IMAGENET_MEAN)[:, None, None]
 IM_STD = np.array(IMAGENET_STD)[:, None, None]
+JPEG_LEVELS = 3      # a flat JPEG colour decodes within a few of its 0..255 levels
+PIXEL_ATOL = 1e-6    # float32 pixels against their float64 values in [0, 1] (and unnormalised back)
+FLOAT32_RTOL = 1e-6  # npz arrays are read as float32
 
 
 def unnormalise_imagenet(x: torch.Tensor) -> np.ndarray:
@@ -64,7 +68,7 @@ def test_imagenet_batches_shapes_dtype_and_labels(imagenet_dir, split):
         for xi, yi in zip(x, y, strict=True):
             # the image's colour (JPEG: within a few levels) says which class folder it came from
             mean_rgb = unnormalise_imagenet(xi).mean(axis=(1, 2)) * 255
-            np.testing.assert_allclose(mean_rgb, idx_to_colour[int(yi)], atol=3)
+            np.testing.assert_allclose(mean_rgb, idx_to_colour[int(yi)], atol=JPEG_LEVELS)
 
 
 def test_imagenet_limit_and_shuffle(imagenet_dir):
@@ -85,7 +89,7 @@ def test_imagenet_normalisation_is_imagenet_mean_std(tmp_path, size):
     x, _ = next(load_data(f"imagenet:{tmp_path / 'd'}").batches("test"))
     expected = (np.array(colour)[:, None, None] / 255 - IM_MEAN) / IM_STD
     assert x.shape == (1, 3, 224, 224)
-    np.testing.assert_allclose(x[0].double().numpy(), np.broadcast_to(expected, (3, 224, 224)), atol=1e-6)
+    np.testing.assert_allclose(x[0].double().numpy(), np.broadcast_to(expected, (3, 224, 224)), atol=PIXEL_ATOL)
 
 
 def test_imagenet_resize_256_center_crop_224_columns(tmp_path):
@@ -98,12 +102,12 @@ def test_imagenet_resize_256_center_crop_224_columns(tmp_path):
     Image.fromarray(img).save(save_dir / "p.png")
     x, _ = next(load_data(f"imagenet:{tmp_path / 'd'}").batches("test"))
     px = unnormalise_imagenet(x[0])
-    assert np.allclose(px[:, :, :46], 0, atol=1e-6)
-    assert np.allclose(px[:, :, 51:], 1, atol=1e-6)
+    assert np.allclose(px[:, :, :46], 0, atol=PIXEL_ATOL)
+    assert np.allclose(px[:, :, 51:], 1, atol=PIXEL_ATOL)
     column = px.mean(axis=(0, 1))
     assert int((column < 0.5).sum()) == 48
     # every row is the same: no vertical structure was invented
-    np.testing.assert_allclose(px, np.broadcast_to(px[:, :1, :], px.shape), atol=1e-6)
+    np.testing.assert_allclose(px, np.broadcast_to(px[:, :1, :], px.shape), atol=PIXEL_ATOL)
 
 
 def test_imagenet_resize_256_center_crop_224_rows(tmp_path):
@@ -116,8 +120,8 @@ def test_imagenet_resize_256_center_crop_224_rows(tmp_path):
     Image.fromarray(img).save(save_dir / "p.png")
     x, _ = next(load_data(f"imagenet:{tmp_path / 'd'}").batches("test"))
     px = unnormalise_imagenet(x[0])
-    assert np.allclose(px[:, :153, :], 1, atol=1e-6)
-    assert np.allclose(px[:, 158:, :], 0, atol=1e-6)
+    assert np.allclose(px[:, :153, :], 1, atol=PIXEL_ATOL)
+    assert np.allclose(px[:, 158:, :], 0, atol=PIXEL_ATOL)
     row = px.mean(axis=(0, 2))
     assert int((row > 0.5).sum()) in (155, 156)
 
@@ -168,25 +172,6 @@ def test_imagenet_missing_dir_raises(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- cifar10:DIR
 
-def cifar_records(n: int, seed: int) -> np.ndarray:
-    """n records in the CIFAR-10 binary format: label byte, then 1024 R, 1024 G, 1024 B bytes (row-major 32x32)."""
-    rng = np.random.default_rng(seed)
-    rec = rng.integers(0, 256, (n, 3073), dtype=np.uint8)
-    rec[:, 0] = rng.integers(0, 10, n)
-    return rec
-
-
-def write_cifar(root, n_train=(5, 3), n_test=4):
-    d = root / "cifar-10-batches-bin"
-    d.mkdir(parents=True)
-    train = [cifar_records(n, seed=i) for i, n in enumerate(n_train)]
-    for i, rec in enumerate(train):
-        rec.tofile(d / f"data_batch_{i + 1}.bin")
-    test = cifar_records(n_test, seed=99)
-    test.tofile(d / "test_batch.bin")
-    return d, np.concatenate(train), test
-
-
 def expected_pixels(rec: np.ndarray) -> np.ndarray:
     """Pixel (n, c, h, w) is byte 1 + 1024 c + 32 h + w of record n, scaled to [0, 1]."""
     c, h, w = np.indices((3, 32, 32))
@@ -206,7 +191,7 @@ def test_cifar10_labels_and_pixels(tmp_path, which):
         assert x.dtype == torch.float32 and x.shape == (len(rec), 3, 32, 32)
         assert y.dtype == torch.int64
         assert y.tolist() == rec[:, 0].tolist()
-        np.testing.assert_allclose(x.double().numpy() * std + mean, expected_pixels(rec), atol=1e-6)
+        np.testing.assert_allclose(x.double().numpy() * std + mean, expected_pixels(rec), atol=PIXEL_ATOL)
 
 
 def test_cifar10_single_known_pixel(tmp_path):
@@ -218,9 +203,9 @@ def test_cifar10_single_known_pixel(tmp_path):
     x, y = next(load_data(f"cifar10:{tmp_path}").batches("train"))
     px = x[0].double().numpy() * np.array(CIFAR_STD)[:, None, None] + np.array(CIFAR_MEAN)[:, None, None]
     assert y.tolist() == [7]
-    assert px[1, 3, 5] == pytest.approx(200 / 255, abs=1e-6)
+    assert px[1, 3, 5] == pytest.approx(200 / 255, abs=PIXEL_ATOL)
     px[1, 3, 5] = 0
-    assert np.abs(px).max() < 1e-6
+    assert np.abs(px).max() < PIXEL_ATOL
 
 
 @pytest.mark.parametrize("name", ["data_batch_1.bin", "test_batch.bin"])
@@ -259,7 +244,7 @@ def test_npz_x_y_without_channel_axis(tmp_path):
     for split in ["train", "calib", "test"]:
         xb, yb = next(src.batches(split))
         assert xb.dtype == torch.float32 and xb.shape == (5, 1, 6, 7)
-        np.testing.assert_allclose(xb[:, 0].numpy(), x, rtol=1e-6)
+        np.testing.assert_allclose(xb[:, 0].numpy(), x, rtol=FLOAT32_RTOL)
         assert yb.dtype == torch.int64 and yb.tolist() == y.tolist()
 
 
@@ -271,10 +256,10 @@ def test_npz_train_test_variant(tmp_path):
     assert (src.size("train"), src.size("calib"), src.size("test")) == (6, 6, 3)
     assert src.num_classes == 5  # the largest label of either split
     xb, yb = next(src.batches("test"))
-    np.testing.assert_allclose(xb.numpy(), xte, rtol=1e-6)
+    np.testing.assert_allclose(xb.numpy(), xte, rtol=FLOAT32_RTOL)
     assert yb.tolist() == [4, 0, 1]
     xb, yb = next(src.batches("calib"))
-    np.testing.assert_allclose(xb.numpy(), xtr, rtol=1e-6)
+    np.testing.assert_allclose(xb.numpy(), xtr, rtol=FLOAT32_RTOL)
 
 
 def test_npz_missing_file_raises(tmp_path):

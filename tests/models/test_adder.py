@@ -6,12 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import FLOAT64_TOL
 
 from qpipe.models import adder as A
 from qpipe.models import build_model
 from qpipe.reference import adder as R
 
 RNG = np.random.default_rng(0)
+FD_RTOL, FD_ATOL = 1e-6, 1e-8   # central differences with eps = 1e-6: O(eps^2) error, float64 cancellation
+FLOAT32_RTOL = 1e-5             # a float32 sum of 144 terms against torch's own float32 sum
 SHAPES = [  # n, c, h, o, k, stride, padding
     (2, 3, 7, 4, 3, 1, 1), (3, 2, 9, 5, 3, 2, 1), (2, 4, 6, 3, 1, 2, 0), (1, 2, 5, 2, 3, 1, 0)]
 
@@ -22,7 +25,7 @@ def test_forward_equals_reference(n, c, h, o, k, s, p):
     y = A.adder2d_forward(torch.tensor(x), torch.tensor(w), s, p).numpy()
     want = R.adder2d(x, w, s, p)
     assert y.shape == want.shape
-    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, want, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
     # integers: exact, in int64
     xi, wi = RNG.integers(0, 256, (n, c, h, h)), RNG.integers(-128, 128, (o, c, k, k))
     yi = A.adder2d_forward(torch.tensor(xi), torch.tensor(wi), s, p)
@@ -30,7 +33,7 @@ def test_forward_equals_reference(n, c, h, o, k, s, p):
     np.testing.assert_array_equal(yi.numpy(), R.adder2d(xi, wi, s, p))
     # a direct check of one output: -sum |patch - w|
     xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    assert y[0, o - 1, 0, 0] == pytest.approx(-np.abs(xp[0, :, :k, :k] - w[o - 1]).sum(), rel=1e-12)
+    assert y[0, o - 1, 0, 0] == pytest.approx(-np.abs(xp[0, :, :k, :k] - w[o - 1]).sum(), rel=FLOAT64_TOL)
 
 
 @pytest.mark.parametrize(("n", "c", "h", "o", "k", "s", "p"), SHAPES)
@@ -41,10 +44,10 @@ def test_backward_equals_reference(n, c, h, o, k, s, p):
     g = RNG.normal(size=y.shape)
     y.backward(torch.tensor(g))
     gx, gw = R.adder2d_grads(x, w, g, s, p)
-    np.testing.assert_allclose(xt.grad.numpy(), gx, atol=1e-12)
-    np.testing.assert_allclose(wt.grad.numpy(), gw, atol=1e-12)
+    np.testing.assert_allclose(xt.grad.numpy(), gx, atol=FLOAT64_TOL)
+    np.testing.assert_allclose(wt.grad.numpy(), gw, atol=FLOAT64_TOL)
     # the adaptive scaling: ||grad W|| = eta * sqrt(k)
-    assert float(wt.grad.norm()) == pytest.approx(R.ETA * np.sqrt(w.size), rel=1e-12)
+    assert float(wt.grad.norm()) == pytest.approx(R.ETA * np.sqrt(w.size), rel=FLOAT64_TOL)
 
 
 def test_backward_is_the_gradient_of_the_surrogates():
@@ -65,12 +68,12 @@ def test_backward_is_the_gradient_of_the_surrogates():
         e = np.zeros_like(w)
         e[idx] = eps
         fd = (surrogate(x, w + e, "w") - surrogate(x, w - e, "w")) / (2 * eps)
-        assert float(wt.grad[idx]) == pytest.approx(fd, rel=1e-6, abs=1e-8)
+        assert float(wt.grad[idx]) == pytest.approx(fd, rel=FD_RTOL, abs=FD_ATOL)
     for idx in [(0, 0, 0, 0), (1, 1, 2, 3), (0, 1, 4, 4)]:
         e = np.zeros_like(x)
         e[idx] = eps
         fd = (surrogate(x + e, w, "x") - surrogate(x - e, w, "x")) / (2 * eps)
-        assert float(xt.grad[idx]) == pytest.approx(fd, rel=1e-6, abs=1e-8)
+        assert float(xt.grad[idx]) == pytest.approx(fd, rel=FD_RTOL, abs=FD_ATOL)
 
 
 def test_blocks_bound_the_patch_tensors(monkeypatch):
@@ -86,9 +89,9 @@ def test_blocks_bound_the_patch_tensors(monkeypatch):
     xb, wb = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
     yb = A.adder2d(xb, wb, 1, 1)
     yb.backward(g)
-    torch.testing.assert_close(yb, y, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xb.grad, xt.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(wb.grad, wt.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(yb, y, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+    torch.testing.assert_close(xb.grad, xt.grad, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+    torch.testing.assert_close(wb.grad, wt.grad, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
 
 
 def test_large_input_runs_in_blocks():
@@ -98,7 +101,7 @@ def test_large_input_runs_in_blocks():
     y = A.adder2d_forward(x, w, 1, 1)
     assert y.shape == (1, 8, 224, 224)
     want = -(torch.nn.functional.pad(x, (1, 1, 1, 1))[0, :, 100:103, 50:53] - w[3]).abs().sum()
-    assert float(y[0, 3, 100, 50]) == pytest.approx(float(want), rel=1e-5)
+    assert float(y[0, 3, 100, 50]) == pytest.approx(float(want), rel=FLOAT32_RTOL)
 
 
 @pytest.mark.parametrize(("spec", "shape", "n_adders"), [("digits-adder", (1, 8, 8), 8),

@@ -1,10 +1,12 @@
 """The CNN path end to end on the bundled digits: calibrate -> QDQ ONNX -> onnxruntime -> check."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
+from helpers import PARITY_TOP1, QDQ_PARITY_STEPS
 from onnx import TensorProto, numpy_helper
 from safetensors.numpy import load_file
 
@@ -12,16 +14,21 @@ import qpipe
 from qpipe.runtime.check import check
 from qpipe.runtime.evaluate import evaluate
 
+W8A8_TOP1_DROP = 0.005  # "within half a point of FP32": 2 of the 450 test images
+
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, artifacts, cnn_w8a8):
+    """FP32 and W8A8 (the recipes' defaults), exported to QDQ and evaluated in onnxruntime; the W8A8 artifact is a
+    copy of the session's shared one (export and evaluate write into it)."""
     root = tmp_path_factory.mktemp("runs")
+    fp32 = qpipe.calibrate("digits-cnn", "digits", "fp32", root / "fp32", progress=False)
+    w8a8 = artifacts.copy(cnn_w8a8, root / "w8a8")
     out = {}
-    for recipe in ["fp32", "w8a8"]:
-        art = qpipe.calibrate("digits-cnn", "digits", recipe, root / recipe, progress=False)
-        qpipe.export(art, "qdq")
-        out[recipe] = evaluate(art.path, backend="ort", progress=False, latency=False)
-        out[recipe + "_art"] = art
+    for recipe, path in (("fp32", fp32.path), ("w8a8", w8a8)):
+        qpipe.export(path, "qdq")
+        out[recipe] = evaluate(path, backend="ort", progress=False, latency=False)
+        out[recipe + "_art"] = path
     return out
 
 
@@ -33,24 +40,22 @@ def test_fp32_demo_cnn_reaches_97_percent(runs):
 def test_w8a8_per_channel_within_half_a_point_of_fp32_in_onnxruntime(runs):
     m = runs["w8a8"]
     assert m["provider"] == "CPUExecutionProvider"
-    assert m["accuracy"]["top1"] >= runs["fp32"]["accuracy"]["top1"] - 0.005
-    assert m["accuracy_optimized"]["top1"] >= runs["fp32"]["accuracy"]["top1"] - 0.005
+    assert m["accuracy"]["top1"] >= runs["fp32"]["accuracy"]["top1"] - W8A8_TOP1_DROP
+    assert m["accuracy_optimized"]["top1"] >= runs["fp32"]["accuracy"]["top1"] - W8A8_TOP1_DROP
 
 
 def test_w8a8_onnxruntime_agrees_with_torch_quantized_model(runs):
     m = runs["w8a8"]
     for key in ("parity", "parity_optimized"):
-        assert m[key]["top1_agreement"] >= 0.995
-        assert m[key]["max_abs_diff_steps"] <= 2
+        assert m[key]["top1_agreement"] >= PARITY_TOP1
+        assert m[key]["max_abs_diff_steps"] <= QDQ_PARITY_STEPS
 
 
 def test_check_passes_and_catches_a_tampered_file(runs, tmp_path):
     art = runs["w8a8_art"]
     assert all(r.ok for r in check(art)), [r for r in check(art) if not r.ok]
-    import shutil
-
     copy = tmp_path / "copy"
-    shutil.copytree(art.path, copy)
+    shutil.copytree(art, copy)
     q = json.loads((copy / "qparams.json").read_text())
     q["format"] = 99
     (copy / "qparams.json").write_text(json.dumps(q))

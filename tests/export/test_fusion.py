@@ -1,7 +1,7 @@
 """The QDQ export of ResNet18 fuses in onnxruntime and is small on disk.
 
 ResNet18 (random weights, BN default statistics) is calibrated on 16 synthetic images once per recipe
-(module-scoped fixtures) and exported; the W8A8 QDQ file is loaded with every graph optimisation on, and the
+(the session's shared artifacts) and exported; the W8A8 QDQ file is loaded with every graph optimisation on, and the
 optimised graph onnxruntime saves must run every Conv and every residual Add as a fused integer kernel.
 """
 
@@ -12,7 +12,6 @@ import collections
 import onnx
 import pytest
 
-import qpipe
 from qpipe.runtime.session import make_session
 
 DATA = "synthetic:3x224x224:16"
@@ -21,21 +20,14 @@ RESNET18_CONVS = 20  # 17 in the stem and the blocks, 3 downsample 1x1
 RESNET18_ADDS = 8    # one residual Add per BasicBlock
 
 
-def _artifact(tmp_path_factory, recipe: str):
-    out = tmp_path_factory.mktemp(f"resnet18-{recipe}") / "art"
-    art = qpipe.calibrate("resnet18", DATA, recipe, out, overrides=OVERRIDES, progress=False)
-    qpipe.export(art, "all")
-    return art
+@pytest.fixture(scope="module")
+def w8a8(artifacts):
+    return artifacts.get("resnet18", DATA, "w8a8", *OVERRIDES, export="all")
 
 
 @pytest.fixture(scope="module")
-def w8a8(tmp_path_factory):
-    return _artifact(tmp_path_factory, "w8a8")
-
-
-@pytest.fixture(scope="module")
-def w4a32(tmp_path_factory):
-    return _artifact(tmp_path_factory, "w4a32")
+def w4a32(artifacts):
+    return artifacts.get("resnet18", DATA, "w4a32", *OVERRIDES, export="all")
 
 
 def test_w8a8_resnet18_fuses_every_conv_and_add(w8a8, tmp_path):
