@@ -21,6 +21,7 @@ from qpipe.errors import QpipeError
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.onnx_names import (
     ADDER2D,
+    APOT_PROJECT,
     DEFAULT_OPSET,
     INT_GELU,
     INT_LAYERNORM,
@@ -280,7 +281,7 @@ def adder_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodePr
     x, y = node.input[0], node.output[0]
     if float_only:
         w = b.add_init(f"{name}.weight", state[f"{name}.weight"].astype(np.float32))
-        return [helper.make_node("Adder2d", [x, w], [y], domain=QPIPE_DOMAIN, name=f"{name}/Adder2d", **attrs)]
+        return [helper.make_node(ADDER2D, [x, w], [y], domain=QPIPE_DOMAIN, name=f"{name}/Adder2d", **attrs)]
     try:
         codes, group = state[state_key(name, WEIGHT_INT)], state[state_key(name, GROUP)]
         scales, bias = state[state_key(name, GROUP_SCALE)], state[state_key(name, CLAMP_BIAS)]
@@ -307,7 +308,7 @@ def adder_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodePr
         ws = b.add_init(p + "weight_step", np.array(np.float32(2) * step))
         wz = b.add_init(p + "weight_zero_point", np.array(np.int8(0)))
         nodes += [helper.make_node("DequantizeLinear", [wq, ws, wz], [p + "w"], name=p + "WeightDequantizeLinear"),
-                  helper.make_node("Adder2d", [p + "x", p + "w"], [p + "acc"], domain=QPIPE_DOMAIN,
+                  helper.make_node(ADDER2D, [p + "x", p + "w"], [p + "acc"], domain=QPIPE_DOMAIN,
                                    name=p + "Adder2d", **attrs),
                   helper.make_node("Add", [p + "acc", b.add_init(p + "bias", bias[sel].astype(np.float32).reshape(
                       1, -1, 1, 1))], [p + "y"], name=p + "ClampBias")]
@@ -330,7 +331,7 @@ def _apot_nodes(b: _Builder, name: str, rec: Encoding, x: str, y: str) -> list[o
     table = b.add_init(f"{name}_table", np.asarray(rec.levels.table, dtype=np.int64))
     scale = b.add_init(f"{name}_scale", np.array(np.float32(rec.scale)))
     zp = b.add_init(f"{name}_zero_point_apot", np.array(np.uint8(0)))
-    return [helper.make_node("APoTProject", [x, step, table], [f"{y}/codes"], domain=QPIPE_DOMAIN,
+    return [helper.make_node(APOT_PROJECT, [x, step, table], [f"{y}/codes"], domain=QPIPE_DOMAIN,
                              name=f"{y}/APoTProject"),
             helper.make_node("Cast", [f"{y}/codes"], [f"{y}/quantized"], to=TensorProto.UINT8, name=f"{y}/Cast"),
             helper.make_node("DequantizeLinear", [f"{y}/quantized", scale, zp], [y], name=f"{y}/DequantizeLinear")]

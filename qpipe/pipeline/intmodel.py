@@ -34,6 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from qpipe.errors import QpipeError
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
+from qpipe.onnx_names import INT_GELU, INT_SOFTMAX
 from qpipe.reference.intops import OUT_BITS, dyadic
 
 from . import intops
@@ -234,7 +235,7 @@ class IntAdd(nn.Module):
 
 def _shift_op(x, zin: int, x0: int, op: str):
     """IntSoftmax or IntGELU of (x - z_in) with ShiftExp's x0."""
-    return (intops.softmax if op == "IntSoftmax" else intops.gelu)(x - zin, x0)
+    return (intops.softmax if op == INT_SOFTMAX else intops.gelu)(x - zin, x0)
 
 
 
@@ -262,7 +263,7 @@ class IntNonlinear(nn.Module):
 
     def forward(self, x):
         if self.kind in ("softmax", "gelu"):
-            return _shift_op(x, self.zin, self.x0, "IntSoftmax" if self.kind == "softmax" else "IntGELU")
+            return _shift_op(x, self.zin, self.x0, INT_SOFTMAX if self.kind == Kind.SOFTMAX else INT_GELU)
         return _layer_norm(x, self.zin, self.ln_m, self.k, self.ln_b, self.zp, self.qmin, self.qmax)
 
 

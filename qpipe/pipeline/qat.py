@@ -23,6 +23,7 @@ non-finite loss stops training with a message and writes no artifact.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -132,6 +133,13 @@ class QATModel(nn.Module):
 
     def forward(self, x):
         return self.gm(x)
+
+    def detach(self) -> None:
+        """Take the learned-clipping quantizers off the layers and activation quantizers again."""
+        for name in [*self.wq, *self.aq]:
+            m = self.gm.get_submodule(name)
+            if "qat" in m._modules:
+                del m.qat
 
     @torch.no_grad()
     def init_act_alphas(self, images: torch.Tensor, batch_size: int) -> dict[str, float]:
@@ -251,6 +259,17 @@ def freeze(qm: QATModel, template: nn.Module, recipe: Recipe) -> tuple[Prepared,
     return p, info, extra
 
 
+@contextlib.contextmanager
+def attached(p: Prepared, recipe: Recipe):
+    """QAT of the prepared model ``p`` inside the block: yields its ``QATModel`` (learned-clipping quantizers
+    attached as submodules), detached again on exit."""
+    qm = QATModel(p, recipe)
+    try:
+        yield qm
+    finally:
+        qm.detach()
+
+
 def _save_state(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -314,96 +333,99 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
     p = prepare(model, train_recipe)
     if not p.layers:
         raise QpipeError(f"model {model_spec} has no Conv2d/Linear layer to quantize")
-    qm = QATModel(p, r).to(dev)
-    q = r.qat
-    calib = [x for x, _ in source.batches("calib", r.calibration.batch_size, r.calibration.images)]
-    if not calib:
-        raise QpipeError("calibration data is empty")
-    if source.size("train") == 0:
-        raise QpipeError("training data is empty")
+    with attached(p, r) as qm:   # the layers and quantizers carry their learned-clipping quantizers
+        qm.to(dev)
+        q = r.qat
+        calib = [x for x, _ in source.batches("calib", r.calibration.batch_size, r.calibration.images)]
+        if not calib:
+            raise QpipeError("calibration data is empty")
+        if source.size("train") == 0:
+            raise QpipeError("training data is empty")
 
-    workdir = Path(str(out) + ".partial")
-    key = run_key({"recipe": r.to_dict(), "model": model_spec, "init": _file_sha(init), "data": data})
-    state_path = workdir / STATE_FILE
-    n = source.size("train")
-    steps_per_epoch = math.ceil(n / q.batch_size)
-    alphas = {id(a) for a in [*qm.act_alpha.values(), *qm.weight_alpha.values()]}
-    weights = [w for w in qm.gm.parameters() if id(w) not in alphas]   # the model's own weights and BN
-    opt = torch.optim.SGD([
-        {"params": weights, "lr": q.lr, "weight_decay": q.weight_decay},
-        {"params": list(qm.act_alpha.parameters()), "lr": q.alpha_lr_acts, "weight_decay": q.alpha_weight_decay},
-        {"params": list(qm.weight_alpha.parameters()), "lr": q.alpha_lr_weights,
-         "weight_decay": q.alpha_weight_decay},
-    ], lr=q.lr, momentum=q.momentum)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=q.epochs * steps_per_epoch)
-    start, history, alpha_init = 0, [], None
-    if state_path.is_file():
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise QpipeError(f"{state_path} is not a readable training state; remove {workdir} to start "
-                             "again") from e
-        if st.get("key") == key:
-            qm.load_state_dict(st["model"])
-            opt.load_state_dict(st["opt"])
-            sched.load_state_dict(st["sched"])
-            start, history, alpha_init = int(st["epoch"]), list(st["history"]), st.get("alpha_init")
-    resumed_from = start
-    if start == 0:
-        alpha_init = qm.init_act_alphas(torch.cat(calib).to(dev), r.calibration.batch_size)
-        workdir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(range(start, q.epochs), desc=f"qat {r.qat.method} {model_spec}", unit="epoch",
-               initial=start, total=q.epochs, disable=None if progress else True)
-    for epoch in bar:
-        qm.train()
-        g = torch.Generator().manual_seed(r.seed * 1000 + epoch)
-        tot = correct = 0.0
-        t0 = time.perf_counter()
-        for step, (x, y) in enumerate(source.batches("train", q.batch_size, shuffle_seed=r.seed * 1000 + epoch)):
-            if q.augment and x.shape[-1] <= 32:
-                x = _shift(x, g)
-            x, y = x.to(dev), y.to(dev)
-            logits = qm(x)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                done = f"; epochs up to {start} are kept in {workdir}" if start else ""
-                raise QpipeError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step "
-                                 f"{step + 1} (lr {sched.get_last_lr()[0]:.3g}); lower qat.lr or "
-                                 f"qat.alpha_lr_*{done}; no artifact written")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for a in [*qm.act_alpha.values(), *qm.weight_alpha.values()]:
-                    a.clamp_(min=1e-6)   # a clipping range stays positive
-            tot += float(loss.detach()) * len(x)
-            correct += float((logits.argmax(1) == y).sum())
-        history.append({"epoch": epoch + 1, "loss": tot / n, "train_top1": correct / n,
-                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)})
-        bar.set_postfix(loss=f"{tot / n:.4f}", top1=f"{100 * correct / n:.1f}%")
-        start = epoch + 1
-        _save_state(state_path, {"key": key, "epoch": epoch + 1, "model": qm.state_dict(), "opt": opt.state_dict(),
-                                 "sched": sched.state_dict(), "history": history, "alpha_init": alpha_init})
-    calib_top1 = accuracy(qm, source, "calib")
-    qm.cpu()
-    frozen, info, extra = freeze(qm, template, r)
-    shape = tuple(source.input_shape)
-    record = qparams_record(frozen, r, info, shape)
-    observer = f"qat-{r.qat.method}"
-    tensors = {name: dataclasses.replace(enc, levels=extra[name], observer=observer) if name in extra else enc
-               for name, enc in record.tensors.items()}
-    record = record.replace(tensors=tensors, qat={"method": r.qat.method, "epochs": q.epochs, "init": str(Path(init).resolve()),
-                     "alpha_init": alpha_init, "resumed_from_epoch": resumed_from, "history": history, "calib_top1_training_model": calib_top1})
-    reason = ("APoT levels are not a uniform grid, so there is no integer-only requantisation of them; "
-              "model.qdq.onnx carries the exact codes") if r.qat.method == "apot" else None
-    from safetensors.torch import save as st_save
+        workdir = Path(str(out) + ".partial")
+        key = run_key({"recipe": r.to_dict(), "model": model_spec, "init": _file_sha(init), "data": data})
+        state_path = workdir / STATE_FILE
+        n = source.size("train")
+        steps_per_epoch = math.ceil(n / q.batch_size)
+        alphas = {id(a) for a in [*qm.act_alpha.values(), *qm.weight_alpha.values()]}
+        weights = [w for w in qm.gm.parameters() if id(w) not in alphas]   # the model's own weights and BN
+        opt = torch.optim.SGD([
+            {"params": weights, "lr": q.lr, "weight_decay": q.weight_decay},
+            {"params": list(qm.act_alpha.parameters()), "lr": q.alpha_lr_acts, "weight_decay": q.alpha_weight_decay},
+            {"params": list(qm.weight_alpha.parameters()), "lr": q.alpha_lr_weights,
+             "weight_decay": q.alpha_weight_decay},
+        ], lr=q.lr, momentum=q.momentum)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=q.epochs * steps_per_epoch)
+        start, history, alpha_init = 0, [], None
+        if state_path.is_file():
+            try:
+                st = torch.load(state_path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise QpipeError(f"{state_path} is not a readable training state; remove {workdir} to start "
+                                 "again") from e
+            if st.get("key") == key:
+                qm.load_state_dict(st["model"])
+                opt.load_state_dict(st["opt"])
+                sched.load_state_dict(st["sched"])
+                start, history, alpha_init = int(st["epoch"]), list(st["history"]), st.get("alpha_init")
+        resumed_from = start
+        if start == 0:
+            alpha_init = qm.init_act_alphas(torch.cat(calib).to(dev), r.calibration.batch_size)
+            workdir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(range(start, q.epochs), desc=f"qat {r.qat.method} {model_spec}", unit="epoch",
+                   initial=start, total=q.epochs, disable=None if progress else True)
+        for epoch in bar:
+            qm.train()
+            g = torch.Generator().manual_seed(r.seed * 1000 + epoch)
+            tot = correct = 0.0
+            t0 = time.perf_counter()
+            for step, (x, y) in enumerate(source.batches("train", q.batch_size, shuffle_seed=r.seed * 1000 + epoch)):
+                if q.augment and x.shape[-1] <= 32:
+                    x = _shift(x, g)
+                x, y = x.to(dev), y.to(dev)
+                logits = qm(x)
+                loss = F.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    done = f"; epochs up to {start} are kept in {workdir}" if start else ""
+                    raise QpipeError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step "
+                                     f"{step + 1} (lr {sched.get_last_lr()[0]:.3g}); lower qat.lr or "
+                                     f"qat.alpha_lr_*{done}; no artifact written")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for a in [*qm.act_alpha.values(), *qm.weight_alpha.values()]:
+                        a.clamp_(min=1e-6)   # a clipping range stays positive
+                tot += float(loss.detach()) * len(x)
+                correct += float((logits.argmax(1) == y).sum())
+            history.append({"epoch": epoch + 1, "loss": tot / n, "train_top1": correct / n,
+                            "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)})
+            bar.set_postfix(loss=f"{tot / n:.4f}", top1=f"{100 * correct / n:.1f}%")
+            start = epoch + 1
+            _save_state(state_path, {"key": key, "epoch": epoch + 1, "model": qm.state_dict(), "opt": opt.state_dict(),
+                                     "sched": sched.state_dict(), "history": history, "alpha_init": alpha_init})
+        calib_top1 = accuracy(qm, source, "calib")
+        qm.cpu()
+        frozen, info, extra = freeze(qm, template, r)
+        shape = tuple(source.input_shape)
+        record = qparams_record(frozen, r, info, shape)
+        observer = f"qat-{r.qat.method}"
+        tensors = {name: dataclasses.replace(enc, levels=extra[name], observer=observer) if name in extra else enc
+                   for name, enc in record.tensors.items()}
+        report = {"method": r.qat.method, "epochs": q.epochs, "init": str(Path(init).resolve()),
+                  "alpha_init": alpha_init, "resumed_from_epoch": resumed_from, "history": history,
+                  "calib_top1_training_model": calib_top1}
+        record = record.replace(tensors=tensors, qat=report)
+        reason = ("APoT levels are not a uniform grid, so there is no integer-only requantisation of them; "
+                  "model.qdq.onnx carries the exact codes") if r.qat.method == "apot" else None
+        from safetensors.torch import save as st_save
 
-    own = template.state_dict()
-    trained = {k: v.detach().contiguous() for k, v in qm.gm.state_dict().items() if k in own}
-    write_artifact(out, frozen, r, record, shape, model_spec=model_spec, weights=init, data=data,
-                   images=sum(len(x) for x in calib), command=command or "qpipe.train_qat()",
-                   int_graph_reason=reason, extra_files={TRAINED_FILE: st_save(trained)})
+        own = template.state_dict()
+        trained = {k: v.detach().contiguous() for k, v in qm.gm.state_dict().items() if k in own}
+        write_artifact(out, frozen, r, record, shape, model_spec=model_spec, weights=init, data=data,
+                       images=sum(len(x) for x in calib), command=command or "qpipe.train_qat()",
+                       int_graph_reason=reason, extra_files={TRAINED_FILE: st_save(trained)})
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)

@@ -13,8 +13,9 @@ from onnx import numpy_helper
 
 from qpipe.artifact import Artifact, sha256
 from qpipe.errors import QpipeError
+from qpipe.onnx_names import ADDER2D, INT_LAYERNORM, INT_SOFTMAX
 from qpipe.onnx_names import QPIPE_DOMAIN as INT_DOMAIN
-from qpipe.record import TensorKind, int_key
+from qpipe.record import Encoding, TensorKind, int_key
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool",
            "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Identity", "Transpose", "Concat",
@@ -43,12 +44,12 @@ PARITY_MAX_STEPS = 2
 # with the integer ops, 8 with float ops (0 in the validation session, and with the QDQ fusions disabled).
 # 12 leaves room for that; a saturating kernel was 20 steps off. The integer graph must be exact (0).
 PARITY_MAX_STEPS_TRANSFORMER_OPTIMIZED = 12
-TRANSFORMER_OPS = {"Softmax", "LayerNormalization", "IntSoftmax", "IntLayerNorm"}
+TRANSFORMER_OPS = {"Softmax", "LayerNormalization", INT_SOFTMAX, INT_LAYERNORM}
 # AdderNets (graphs with ai.qpipe Adder2d), both sessions: onnxruntime sums -|x - w| over ~100-300 terms in its own
 # float order, a few 1e-5 away from PyTorch's, enough to move a value across a 4-bit group step now and then;
 # measured 6 output steps on digits-adder W4 (top-1 agreement 100 %). The integer graph is exact (0).
 PARITY_MAX_STEPS_ADDER = 12
-ADDER_OPS = {"Adder2d"}
+ADDER_OPS = {ADDER2D}
 PARITY_MIN_AGREEMENT = 0.995
 
 
@@ -75,7 +76,9 @@ def check_integers(art: Artifact, model: onnx.ModelProto) -> Result:
     inits = {t.name: t for t in model.graph.initializer}
     dq_inputs = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     bad = []
-    weights = [k for k, v in art.record.tensors.items() if v.kind == TensorKind.WEIGHT]
+    # the encodings alone: a record whose header was tampered with is the manifest check's finding, not a crash
+    encodings = {k: Encoding.from_json(v) for k, v in art.qparams["tensors"].items()}
+    weights = [k for k, v in encodings.items() if v.kind == TensorKind.WEIGHT]
     for name in weights:
         t = inits.get(f"{name}_quantized")
         if t is None or t.name not in dq_inputs:
