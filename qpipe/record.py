@@ -43,6 +43,11 @@ def state_key(module: str, buffer: str) -> str:
     return f"{module}.{buffer}" if module else buffer
 
 
+def grid_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a b-bit grid: [-2^(b-1), 2^(b-1) - 1] signed, [0, 2^b - 1] unsigned."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
 class TensorKind(str, enum.Enum):
     WEIGHT = "weight"
     BIAS = "bias"
@@ -100,11 +105,11 @@ class Encoding:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        return grid_range(self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return grid_range(self.bits, self.signed)[1]
 
     @property
     def apot(self) -> bool:

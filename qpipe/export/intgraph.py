@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qpipe.errors import QpipeError
+from qpipe.intvalues import Acc, Grid, broadcast_shape, onto, require_8bit, scales
 from qpipe.kinds import REGISTRY, resolve
 from qpipe.onnx_names import (
     ADDER_INTEGER,
@@ -60,30 +61,6 @@ from qpipe.reference.intops import OUT_BITS, dyadic
 
 
 @dataclass(frozen=True)
-class Grid:
-    """int64 values on a b-bit grid: real value = (q - z) * s."""
-
-    scale: float
-    zero_point: int
-    qmin: int
-    qmax: int
-
-    @property
-    def signed(self) -> bool:
-        return self.qmin < 0
-
-
-@dataclass(frozen=True)
-class Acc:
-    """An integer accumulator (zero point 0): real value = acc * scale, ``scale`` a float or a per-channel tuple
-    along ``axis``; ``relu``: a ReLU is pending (folded into the next requantisation)."""
-
-    scale: float | tuple[float, ...]
-    axis: int = -1
-    relu: bool = False
-
-
-@dataclass(frozen=True)
 class Const:
     """A float constant (an initializer, maybe reshaped or expanded): integerised on the grid of the op that reads
     it. ``make(grid)`` returns the name of the integer tensor."""
@@ -104,24 +81,6 @@ FLOAT = "float"    # the float graph input
 OTHER = "other"    # shapes, indices, masks: used as they are
 SHAPES = {"Shape", "Size"}      # their outputs are shapes whatever their input is
 ONNX_KINDS = {op: kind for kind, spec in REGISTRY.items() for op in spec.onnx_ops}
-
-
-def _scales(v) -> tuple[float, ...]:
-    return tuple(float(s) for s in np.asarray(v, dtype=np.float64).reshape(-1).tolist())
-
-
-def _bshape(n: int, axis: int, ndim: int) -> tuple[int, ...]:
-    """Broadcast shape of a per-channel vector of length n along ``axis`` of an ndim tensor."""
-    if n == 1:
-        return ()
-    shape = [1] * ndim
-    shape[axis] = n
-    return tuple(shape)
-
-
-def _require_8bit(grid: Grid, what: str) -> None:
-    if grid.qmax - grid.qmin > 255:
-        raise QpipeError(f"the integer-only graph needs 8-bit inputs to {what}, got {grid}")
 
 
 def _decimal(v: float) -> float:
@@ -224,13 +183,8 @@ class IntGraph:
         if isinstance(meta, Const):
             g0 = dataclasses.replace(grid, zero_point=grid.zero_point if with_zp else 0)
             return meta.make(g0), 2.0 / 2, (), 0   # exact identity: floor((2 b + 1) / 2) = b
-        if isinstance(meta, Grid):
-            return self.env[tensor], meta.scale / grid.scale, (), meta.zero_point
-        if isinstance(meta, Acc):
-            if meta.relu:
-                raise QpipeError(f"{tensor}: a ReLU on an accumulator that feeds an add is not supported")
-            s = _scales(meta.scale)
-            return self.env[tensor], [v / grid.scale for v in s], _bshape(len(s), meta.axis, self.ndim(tensor)), 0
+        if isinstance(meta, (Grid, Acc)):
+            return self.env[tensor], *onto(meta, grid, self.ndim(tensor), tensor)
         raise QpipeError(f"{tensor}: unsupported operand for the integer graph ({type(meta).__name__})")
 
     def layer_ints(self, weight: Weight) -> tuple[str, np.ndarray, np.ndarray | None]:
@@ -360,7 +314,7 @@ class IntGraph:
             return
         gr, xm = self.grid(name), self.meta.get(x)
         if xm == FLOAT:
-            _require_8bit(gr, "the input QuantizeLinear")
+            require_8bit(gr, "the input QuantizeLinear")
             q = self.node("QuantizeLinear", [self.env[x], self.const(np.float32(gr.scale), np.float32),
                                              self.const(gr.zero_point, np.int8 if gr.signed else np.uint8)], "quantize")
             out = self.node("Cast", [q], "q64", to=TensorProto.INT64)
@@ -370,9 +324,9 @@ class IntGraph:
             out = self.env[x] if xm == gr else self.requant(self.env[x], xm.scale / gr.scale, (), gr, gr.qmin,
                                                               xm.zero_point)
         elif isinstance(xm, Acc):
-            s = _scales(xm.scale)
+            s = scales(xm.scale)
             lo = max(gr.qmin, gr.zero_point) if xm.relu else gr.qmin
-            out = self.requant(self.env[x], [v / gr.scale for v in s], _bshape(len(s), xm.axis, self.ndim(x)), gr, lo)
+            out = self.requant(self.env[x], [v / gr.scale for v in s], broadcast_shape(len(s), xm.axis, self.ndim(x)), gr, lo)
         else:
             raise QpipeError(f"{name}: cannot quantize a {type(xm).__name__} value in the integer graph")
         self.env[y], self.meta[y] = out, gr
@@ -387,7 +341,7 @@ class IntGraph:
         if not isinstance(w, Weight) or not isinstance(xm, Grid):
             raise QpipeError(f"{node.name}: the integer-only graph needs a quantized input and integer weights")
         layer, codes, bias = self.layer_ints(w)
-        _require_8bit(xm, f"Conv {layer}")
+        require_8bit(xm, f"Conv {layer}")
         xu, zu = self.to_u8(self.env[x], xm)
         wu = self.const((codes.astype(np.int16) + 128).astype(np.uint8), np.uint8, base=f"{layer}.weight_u8")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -395,7 +349,7 @@ class IntGraph:
         acc = self.node("Cast", [acc], f"{layer}/acc", to=TensorProto.INT64)
         if bias is not None:
             acc = self.node("Add", [acc, self.const(bias.astype(np.int64).reshape(1, -1, 1, 1))], f"{layer}/bias")
-        sw = _scales(self.record.tensors[w.tensor].scale)
+        sw = scales(self.record.tensors[w.tensor].scale)
         s = tuple(xm.scale * v for v in sw)
         self.env[node.output[0]], self.meta[node.output[0]] = acc, Acc(s if len(s) > 1 else s[0], axis=1)
 
@@ -404,7 +358,7 @@ class IntGraph:
         if not isinstance(xm, Grid):
             raise QpipeError(f"{node.name}: the integer-only graph needs a quantized input to every layer")
         layer, codes, bias = self.layer_ints(w)
-        _require_8bit(xm, f"Linear {layer}")
+        require_8bit(xm, f"Linear {layer}")
         xu, zu = self.to_u8(self.env[x], xm)
         wt = (codes.astype(np.int16).T + 128).astype(np.uint8)   # (in, out) for MatMulInteger
         acc = self.node("MatMulInteger", [xu, self.const(wt, np.uint8, base=f"{layer}.weight_t_u8"), zu,
@@ -412,7 +366,7 @@ class IntGraph:
         acc = self.node("Cast", [acc], f"{layer}/acc", to=TensorProto.INT64)
         if bias_mark is not None and bias is not None:
             acc = self.node("Add", [acc, self.const(bias.astype(np.int64))], f"{layer}/bias")
-        sw = _scales(self.record.tensors[w.tensor].scale)
+        sw = scales(self.record.tensors[w.tensor].scale)
         s = tuple(xm.scale * v for v in sw)
         self.env[node.output[0]], self.meta[node.output[0]] = acc, Acc(s if len(s) > 1 else s[0], axis=-1)
 
@@ -437,7 +391,7 @@ class IntGraph:
         if not (isinstance(am, Grid) and isinstance(bm, Grid)):
             raise QpipeError(f"{node.name}: the integer graph needs quantized inputs to matmul")
         for gr in (am, bm):
-            _require_8bit(gr, "matmul")
+            require_8bit(gr, "matmul")
         au, zau = self.to_u8(self.env[a], am)
         bu, zbu = self.to_u8(self.env[b], bm)
         acc = self.node("MatMulInteger", [au, bu, zau, zbu], "matmul")
@@ -466,7 +420,7 @@ class IntGraph:
             raise QpipeError(f"{node.name}: multiplication by a constant is folded only after Conv/Linear/matmul")
         f = float(value.reshape(()))
         f = 1.0 / f if invert else f
-        s = _scales(xm.scale)
+        s = scales(xm.scale)
         self.env[node.output[0]] = self.env[x]
         self.meta[node.output[0]] = dataclasses.replace(xm, scale=tuple(v * f for v in s) if len(s) > 1 else s[0] * f)
 
@@ -569,7 +523,7 @@ class IntGraph:
         xm = self.meta.get(x)
         if not isinstance(xm, Grid):
             raise QpipeError(f"{node.name}: MaxPool needs a quantized input in the integer graph")
-        _require_8bit(xm, "MaxPool")
+        require_8bit(xm, "MaxPool")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("ceil_mode", 0) or any(d != 1 for d in attrs.get("dilations", [1])):
             raise QpipeError("the integer graph supports MaxPool2d without dilation or ceil_mode")
@@ -649,7 +603,7 @@ class IntGraph:
         gamma, beta, mean, var = (self.inits[i].astype(np.float64) for i in node.input[1:5])
         eps = _decimal(next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5))
         f = gamma / np.sqrt(var + eps)
-        s = np.broadcast_to(np.asarray(_scales(xm.scale), np.float64), f.shape)
+        s = np.broadcast_to(np.asarray(scales(xm.scale), np.float64), f.shape)
         new = np.where(f != 0, s * np.abs(f), s)
         sign = np.sign(f).astype(np.int64).reshape(1, -1, 1, 1)
         bias = np.rint((beta - f * mean) / new).astype(np.int64).reshape(1, -1, 1, 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qpipe.errors import QpipeError
+from qpipe.intvalues import Acc, Grid, broadcast_shape, onto, require_8bit, scales
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
 from qpipe.onnx_names import INT_GELU, INT_SOFTMAX
@@ -53,30 +54,6 @@ from .qmodel import (
 
 # ---------------------------------------------------------------- what a value is
 
-@dataclass(frozen=True)
-class Grid:
-    """int64 values on a b-bit grid: real value = (q - z) * s."""
-
-    scale: float
-    zero_point: int
-    qmin: int
-    qmax: int
-
-    @property
-    def signed(self) -> bool:
-        return self.qmin < 0
-
-
-@dataclass(frozen=True)
-class Acc:
-    """An integer accumulator (zero point 0, unbounded): real value = acc * scale, ``scale`` a float or a
-    per-channel tuple along ``axis``; ``relu``: a ReLU is pending (folded into the next requantisation)."""
-
-    scale: float | tuple[float, ...]
-    axis: int = -1
-    relu: bool = False
-
-
 class Const:
     """A float constant (a parameter, maybe expanded): integerised on the grid of the op that reads it."""
 
@@ -95,7 +72,7 @@ def _quantize(x, scale: float, zp: int, qmin: int, qmax: int):
 class IntQuantize(nn.Module):
     def __init__(self, grid: Grid):
         super().__init__()
-        _require_8bit(grid, "the input QuantizeLinear")
+        require_8bit(grid, "the input QuantizeLinear")
         self.grid = grid
 
     def forward(self, x):
@@ -111,15 +88,6 @@ def _requant(x, m, k, zp: int, qmin: int, qmax: int, zin: int):
 def _mk(multiplier, shape) -> tuple[torch.Tensor, torch.Tensor]:
     d = dyadic(multiplier)
     return (torch.tensor(d.m, dtype=torch.int64).reshape(shape), torch.tensor(d.k, dtype=torch.int64).reshape(shape))
-
-
-def _bshape(n: int, axis: int, ndim: int) -> tuple[int, ...]:
-    """Broadcast shape of a per-channel vector of length n along ``axis`` of an ndim tensor."""
-    if n == 1:
-        return ()
-    shape = [1] * ndim
-    shape[axis] = n
-    return tuple(shape)
 
 
 class IntRequant(nn.Module):
@@ -143,18 +111,13 @@ def _conv(x, w, b, zx: int, signed: bool, stride, padding, dilation, groups):
 
 
 
-def _require_8bit(grid: Grid, what: str) -> None:
-    if grid.qmax - grid.qmin > 255:
-        raise QpipeError(f"the integer-only graph needs 8-bit inputs to {what}, got {grid}")
-
-
 def _check_layer(layer, grid: Grid, what: str) -> None:
     """A Conv/Linear the integer graph can run: symmetric integer weights and an 8-bit input grid."""
     if layer.weight_int is None:
         raise QpipeError(f"{layer.qname}: the integer-only graph needs quantized weights (weights.bits 2..8)")
     if layer.weight_zero_point.abs().max() != 0:
         raise QpipeError(f"{layer.qname}: the integer-only graph needs symmetric weights (weights.symmetric)")
-    _require_8bit(grid, f"{what} {layer.qname}")
+    require_8bit(grid, f"{what} {layer.qname}")
 
 
 class IntConv(nn.Module):
@@ -184,7 +147,7 @@ class IntMatMul(nn.Module):
     def __init__(self, ga: Grid, gb: Grid):
         super().__init__()
         for gr in (ga, gb):
-            _require_8bit(gr, "matmul")
+            require_8bit(gr, "matmul")
         self.za, self.zb, self.sa, self.sb = ga.zero_point, gb.zero_point, ga.signed, gb.signed
 
     def forward(self, a, b):
@@ -276,7 +239,7 @@ def _max_pool(x, kernel, stride, padding, signed: bool):
 class IntMaxPool(nn.Module):
     def __init__(self, pool: nn.MaxPool2d, grid: Grid):
         super().__init__()
-        _require_8bit(grid, "MaxPool2d")
+        require_8bit(grid, "MaxPool2d")
         if pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
             raise QpipeError("the integer graph supports MaxPool2d without dilation or ceil_mode")
         pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
@@ -397,10 +360,6 @@ def _grid(aq: ActQuant) -> Grid:
     return Grid(float(aq.scale), int(aq.zero_point), aq.spec.qmin, aq.spec.qmax)
 
 
-def _scales(v) -> tuple[float, ...]:
-    return tuple(float(s) for s in torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist())
-
-
 class Rewriter:
     """Writes the integer-only model of a frozen Q-model node by node (``visit``)."""
 
@@ -461,13 +420,8 @@ class Rewriter:
         if isinstance(meta, Const):
             g0 = replace(grid, zero_point=grid.zero_point if with_zp else 0)
             return meta.make(g0), 2.0 / 2, (), 0  # exact identity: floor((2 b + 1) / 2) = b
-        if isinstance(meta, Grid):
-            return self.env[node], meta.scale / grid.scale, (), meta.zero_point
-        if isinstance(meta, Acc):
-            if meta.relu:
-                raise QpipeError(f"{node.name}: a ReLU on an accumulator that feeds an add is not supported")
-            s = _scales(meta.scale)
-            return self.env[node], [v / grid.scale for v in s], _bshape(len(s), meta.axis, nd), 0
+        if isinstance(meta, (Grid, Acc)):
+            return self.env[node], *onto(meta, grid, nd, node.name)
         raise QpipeError(f"{node.name}: unsupported operand for the integer graph ({type(meta).__name__})")
 
     def const(self, node: fx.Node) -> Const:
@@ -550,10 +504,10 @@ class Rewriter:
                 self.env[node] = self.call("requant", IntRequant(xm.scale / gr.scale, (), gr, gr.qmin,
                                                                  xm.zero_point), self.env[x])
         elif isinstance(xm, Acc):
-            s = _scales(xm.scale)
+            s = scales(xm.scale)
             lo = max(gr.qmin, gr.zero_point) if xm.relu else gr.qmin
             self.env[node] = self.call("requant", IntRequant([v / gr.scale for v in s],
-                                                             _bshape(len(s), xm.axis, self.ndim(x)), gr, lo),
+                                                             broadcast_shape(len(s), xm.axis, self.ndim(x)), gr, lo),
                                        self.env[x])
         else:
             raise QpipeError(f"{node.name}: cannot quantize a {type(xm).__name__} value in the integer graph")
@@ -565,7 +519,7 @@ class Rewriter:
         m = self.modules[target]
         if not isinstance(xm, Grid):
             raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every layer")
-        sw = _scales(m.weight_scale) if m.weight_scale is not None else (1.0,)
+        sw = scales(m.weight_scale) if m.weight_scale is not None else (1.0,)
         acc_scale = tuple(xm.scale * v for v in sw)
         if isinstance(m, QConv2d):
             self.env[node] = self.call(target, IntConv(m, xm), self.env[x])
@@ -589,7 +543,7 @@ class Rewriter:
         if not isinstance(xm, Acc) or xm.relu:
             raise QpipeError(f"{target}: the integer graph folds BatchNorm only into the accumulator of the "
                              "layer before it")
-        s = _scales(xm.scale)
+        s = scales(xm.scale)
         mod = IntBatchNorm(self.modules[target], s)
         self.env[node] = self.call(target, mod, self.env[x])
         self.meta[node] = Acc(mod.scales, axis=1)
@@ -615,7 +569,7 @@ class Rewriter:
         sm = self.meta.get(src)
         if not isinstance(sm, Acc) or sm.relu:
             raise QpipeError(f"{node.name}: multiplication by a constant is folded only after Conv/Linear/matmul")
-        s = _scales(sm.scale)
+        s = scales(sm.scale)
         self.env[node] = self.env[src]
         self.meta[node] = replace(sm, scale=tuple(v * c for v in s) if len(s) > 1 else s[0] * c)
 

@@ -216,4 +216,4 @@ class ActivationObserver:
         return float(torch.tensor(s[0].item(), dtype=torch.float32)), int(z[0])
 
 
-__all__ = ["WEIGHT_ESTIMATORS", "ACTIVATION_OBSERVERS", "estimate", "ActivationObserver", "fake_quantize"]
+__all__ = ("WEIGHT_ESTIMATORS", "ACTIVATION_OBSERVERS", "estimate", "ActivationObserver", "fake_quantize")

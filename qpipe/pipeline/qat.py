@@ -432,4 +432,4 @@ def train_qat(model_spec: str, data: str, out: str | Path, *, method: str | None
     return Artifact(out)
 
 
-__all__ = ["train_qat", "freeze", "QATModel", "default_recipe"]
+__all__ = ("train_qat", "freeze", "QATModel", "default_recipe")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qpipe.record import grid_range
+
 ROUNDING_MODES = ("nearest", "floor", "ceil", "stochastic")
 
 
@@ -22,11 +24,11 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        return grid_range(self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return grid_range(self.bits, self.signed)[1]
 
 
 def round_values(v: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:

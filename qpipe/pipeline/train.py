@@ -115,4 +115,4 @@ def train(model_spec: str, data: str, epochs: int | None, out: str | Path, *, lr
     return note
 
 
-__all__ = ["train", "accuracy"]
+__all__ = ("train", "accuracy")

@@ -1,0 +1,65 @@
+"""What a value of the integer-only model is, shared by the PyTorch integer model (``qpipe.pipeline.intmodel``)
+and the ONNX stage that writes the same computation (``qpipe.export.intgraph``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qpipe.errors import QpipeError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """int64 values on a b-bit grid: real value = (q - z) * s."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+@dataclass(frozen=True)
+class Acc:
+    """An integer accumulator (zero point 0, unbounded): real value = acc * scale, ``scale`` a float or a
+    per-channel tuple along ``axis``; ``relu``: a ReLU is pending (folded into the next requantisation)."""
+
+    scale: float | tuple[float, ...]
+    axis: int = -1
+    relu: bool = False
+
+
+def broadcast_shape(n: int, axis: int, ndim: int) -> tuple[int, ...]:
+    """Broadcast shape of a per-channel vector of length n along ``axis`` of an ndim tensor (``()`` for one)."""
+    if n == 1:
+        return ()
+    shape = [1] * ndim
+    shape[axis] = n
+    return tuple(shape)
+
+
+def require_8bit(grid: Grid, what: str) -> None:
+    """The integer kernels (ConvInteger, MatMulInteger, MaxPool on int8) take 8-bit containers."""
+    if grid.qmax - grid.qmin > 255:
+        raise QpipeError(f"the integer-only graph needs 8-bit inputs to {what}, got {grid}")
+
+
+def scales(v) -> tuple[float, ...]:
+    """A scale (a number or per-channel values) as a tuple of floats."""
+    return tuple(float(s) for s in np.asarray(v, dtype=np.float64).reshape(-1).tolist())
+
+
+def onto(value: Grid | Acc, grid: Grid, ndim: int, what: str) -> tuple[float | list[float], tuple[int, ...], int]:
+    """(multiplier, its broadcast shape, zero point to subtract first) that requantise ``value`` -- a grid or an
+    accumulator of an ndim tensor -- onto ``grid``."""
+    if isinstance(value, Grid):
+        return value.scale / grid.scale, (), value.zero_point
+    if value.relu:
+        raise QpipeError(f"{what}: a ReLU on an accumulator that feeds an add is not supported")
+    s = scales(value.scale)
+    return [v / grid.scale for v in s], broadcast_shape(len(s), value.axis, ndim), 0
