@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from qpipe import flow
 from qpipe.errors import QpipeError
 from qpipe.record import TensorKind
 
@@ -196,25 +197,24 @@ def check(artifact, expect):
 
 @cli.command()
 @click.argument("recipes", nargs=-1)
-@click.option("--model", default="digits-cnn", show_default=True)
-@click.option("--data", default="digits", show_default=True)
+@click.option("--model", default=flow.DEFAULT_MODEL, show_default=True)
+@click.option("--data", default=flow.DEFAULT_DATA, show_default=True)
 @click.option("--weights", type=click.Path(), default=None)
-@click.option("--out-root", type=click.Path(file_okay=False), default="artifacts/runs", show_default=True)
+@click.option("--out-root", type=click.Path(file_okay=False), default=flow.DEFAULT_OUT_ROOT, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-@click.option("--expect-dir", type=click.Path(file_okay=False), default="artifacts/expected", show_default=True)
+@click.option("--expect-dir", type=click.Path(file_okay=False), default=flow.DEFAULT_EXPECT_DIR, show_default=True)
 def run(recipes, model, data, weights, out_root, overrides, expect_dir):
     """Calibrate, export, evaluate (torch and ort) and check each recipe; print one comparison table.
 
     With no RECIPES: the bundled default, the demo CNN on digits as FP32, W8A8 and W4A8. Where the artifact
     has an integer-only graph (quantized weights and activations) it is exported and evaluated as well.
     """
-    from qpipe.flow import DEFAULT_RECIPES
     from qpipe.flow import run as run_flow
     from qpipe.runtime.check import format_results
     from qpipe.runtime.evaluate import format_table
 
     rows, failures = [], []
-    for recipe in recipes or DEFAULT_RECIPES:
+    for recipe in recipes or flow.DEFAULT_RECIPES:
         name = Path(recipe).stem
         out = Path(out_root) / name
         click.echo(f"== {name}: calibrate -> export -> evaluate -> check  ({out})", err=True)

@@ -13,7 +13,13 @@ from pathlib import Path
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
 
-DEFAULT_RECIPES = ("fp32", "w8a8", "w4a8")   # the bundled default: the demo CNN as FP32, W8A8 and W4A8
+# the bundled default (`qpipe run` with no arguments): the demo CNN on digits as FP32, W8A8 and W4A8, gated by
+# the expectations shipped in artifacts/expected
+DEFAULT_RECIPES = ("fp32", "w8a8", "w4a8")
+DEFAULT_MODEL = "digits-cnn"
+DEFAULT_DATA = "digits"
+DEFAULT_OUT_ROOT = "artifacts/runs"
+DEFAULT_EXPECT_DIR = "artifacts/expected"
 BACKENDS = ("torch", "ort")
 
 
