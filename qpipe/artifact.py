@@ -1,8 +1,8 @@
 """The artifact folder: the frozen quantized model record shared by calibrate, export, evaluate and check.
 
 Files (DESIGN.md): ``recipe.yaml``, ``quantized.safetensors`` (the Q-model's state: folded float weights,
-integer weights ``<layer>.weight_int`` (int8 container), int32 biases, scales), ``qparams.json`` (per tensor:
-scale, zero point, bits, signed, axis, rounding, observer; per layer SQNR), ``graph.onnx`` (the float graph with a
+integer weights ``<layer>.weight_int`` (int8 container), int32 biases, scales; key names in ``qpipe.record``),
+``qparams.json`` (the typed quantization record, ``qpipe.record.QuantRecord``), ``graph.onnx`` (the float graph with a
 ``qpipe.mark::Mark`` node on every quantized tensor), ``model.qdq.onnx``, ``metrics*.json``, ``manifest.json``.
 Every file is written under a temporary name and renamed into place.
 """
