@@ -138,22 +138,26 @@ class Encoding:
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """A quantized Conv / Linear: its ONNX op, the activation quantizer feeding it (None: a float input) and the
-    SQNR of its integer weights. The weight encoding is ``tensors['<layer>.weight']``."""
+    """A quantized Conv / Linear: its ONNX op, the activation quantizer feeding it (None: a float input), the
+    SQNR of its integer weights, and the output channels whose weight scale was raised so that their int32 bias
+    fits (``fit_bias_scales``). The weight encoding is ``tensors['<layer>.weight']``."""
 
     op: str
     input: str | None
     sqnr_db: float | None = None
+    bias_fit_channels: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": self.op, "input": self.input}
         if self.sqnr_db is not None:
             out["sqnr_db"] = self.sqnr_db
+        if self.bias_fit_channels:
+            out["bias_fit_channels"] = list(self.bias_fit_channels)
         return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LayerRecord:
-        return cls(d["op"], d.get("input"), d.get("sqnr_db"))
+        return cls(d["op"], d.get("input"), d.get("sqnr_db"), tuple(d.get("bias_fit_channels") or ()))
 
 
 @dataclass(frozen=True)

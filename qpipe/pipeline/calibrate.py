@@ -24,6 +24,7 @@ from .qmodel import (
     ActQuant,
     Prepared,
     calibrate_activations,
+    fit_bias_scales,
     freeze_int_ops,
     mode,
     prepare,
@@ -41,7 +42,8 @@ def _output_quantizer(p: Prepared) -> str | None:
     return None
 
 
-def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float], input_shape) -> QuantRecord:
+def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float], input_shape,
+                   bias_fit: dict[str, tuple[int, ...]] | None = None) -> QuantRecord:
     """The typed record of a frozen Q-model: every quantized tensor's encoding and every layer's input."""
     tensors, layers = {}, {}
     w = recipe.weights
@@ -58,7 +60,8 @@ def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float]
             tensors[f"{name}.bias"] = Encoding(TensorKind.BIAS, 32, signed=True, symmetric=True, axis=0,
                                                scale=_numbers(m.bias_scale, float), zero_point=0, rounding="nearest")
         layers[name] = LayerRecord("Conv" if m.weight.ndim == 4 else "Gemm", p.layer_input[name],
-                                   weight_sqnr_db.get(name) if m.weight_int is not None else None)
+                                   weight_sqnr_db.get(name) if m.weight_int is not None else None,
+                                   (bias_fit or {}).get(name, ()))
     for name in p.act:
         aq = p.gm.get_submodule(name)
         if aq.source is None:
@@ -138,6 +141,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         if recipe.adder.bn_reestimate:
             adderquant.reestimate_bn(p, batches())
     n = calibrate_activations(p, recipe, batches()) if p.act else 0
+    bias_fit = fit_bias_scales(p, recipe)   # before any learned rounding: nothing fails after the expensive step
     if rank != 0:  # under torchrun the scales are now those of a single process; rank 0 finishes and writes
         dist.barrier()
         return Artifact(out)
@@ -157,11 +161,15 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
                              cache_mb=recipe.adaround.cache_mb)
         n = n or len(images)
         weight_info = {name: weight_sqnr(p.gm.get_submodule(name)) for name in weight_info}
+    for name, channels in fit_bias_scales(p, recipe).items():   # learned input steps (LSQ) moved s_in
+        bias_fit[name] = tuple(sorted({*bias_fit.get(name, ()), *channels}))
+    for name in bias_fit:
+        weight_info[name] = weight_sqnr(p.gm.get_submodule(name))
     quantize_biases(p)
     int_ops = freeze_int_ops(p)
     p.gm.cpu()
     shape = tuple(source.input_shape)
-    record = qparams_record(p, recipe, weight_info, shape).replace(
+    record = qparams_record(p, recipe, weight_info, shape, bias_fit).replace(
         intops=int_ops, adders=adders, adaround=tuple(report) if report is not None else None)
     write_artifact(out, p, recipe, record, shape, model_spec=model_spec, weights=weights, data=data, images=n,
                    command=command or "qpipe.calibrate()")

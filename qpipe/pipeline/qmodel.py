@@ -813,6 +813,8 @@ def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, float]:
         wt = m.weight.detach().double()
         rows = wt.reshape(wt.shape[0], -1) if per_channel else wt.reshape(1, -1)
         s, z = estimate(rows, w.observer, spec, p=w.p)
+        if per_channel:
+            s, z = _floor_scales(rows, s, z, spec)
         s = s.float().double()  # scales live as float32 in ONNX
         gen = torch.Generator().manual_seed(recipe.seed * 100_003 + i)
         axis = 0 if per_channel else None
@@ -824,6 +826,63 @@ def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, float]:
         m.weight_zero_point = z.to(torch.int32) if per_channel else z[0].to(torch.int32).reshape(())
         info[name] = weight_sqnr(m)
     return info
+
+
+WEIGHT_SCALE_FLOOR = 2.0**-16
+"""A channel's weight scale is at least this share of its layer's largest. A dead or near-dead channel (|w| ~ 1e-9,
+as a folded BatchNorm with zero variance leaves it) then rounds to zero instead of getting a scale of 1e-11 that no
+int32 bias at s_in * s_w can follow; exact zeros stay exact at any scale."""
+INT32_MAX = 2**31 - 1
+BIAS_HEADROOM = 2**30   # bias_fit leaves half of the int32 range, so a later learned input step (LSQ) still fits
+
+
+def _floor_scales(rows: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec):
+    """Per-channel scales raised to ``WEIGHT_SCALE_FLOOR`` times the layer's largest (zero points recomputed for
+    the raised channels of an asymmetric grid)."""
+    floor = s.max() * WEIGHT_SCALE_FLOOR
+    low = s < floor
+    if not low.any():
+        return s, z
+    s = torch.where(low, floor, s)
+    if not spec.symmetric:
+        lo = torch.clamp(rows.min(dim=1).values, max=0.0)
+        z_new = torch.clamp(spec.qmin - torch.round(lo / s), spec.qmin, spec.qmax).to(z.dtype)
+        z = torch.where(low, z_new, z)
+    return s, z
+
+
+def fit_bias_scales(p: Prepared, recipe: Recipe) -> dict[str, tuple[int, ...]]:
+    """Make every int32 bias fit: an output channel whose bias would need more than ``BIAS_HEADROOM`` steps of
+    ``s_in * s_w`` gets its weight scale raised to ``|b| / (s_in * BIAS_HEADROOM)`` and its weights rounded again
+    (nearest) at that scale. Runs right after calibration, before any learned rounding. Returns, per layer, the
+    channels it raised (the record keeps them)."""
+    raised = {}
+    for name in p.layers:
+        m = p.gm.get_submodule(name)
+        src = p.layer_input.get(name)
+        if m.weight_int is None or src is None or m.bias is None:
+            continue
+        s_in = float(p.gm.get_submodule(src).scale)
+        need = m.bias.detach().double().abs() / (s_in * BIAS_HEADROOM)
+        sw = m.weight_scale.double()
+        bad = need > sw
+        if not bad.any():
+            continue
+        per_channel = sw.ndim == 1
+        if per_channel:
+            target = torch.where(bad, need, sw)
+        else:   # one scale for the layer: all of it is raised
+            target, bad = torch.maximum(need.max(), sw), torch.ones_like(bad)
+        scale = target.float()
+        scale = torch.where(scale.double() < target, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+        spec = QuantSpec(p.weight_bits[name], signed=True, symmetric=recipe.weights.symmetric)
+        q = quantize(m.weight.detach().double(), scale.double(), m.weight_zero_point.double(), spec.qmin, spec.qmax,
+                     0 if per_channel else None, "nearest").to(torch.int8)
+        rows = bad.reshape(-1, *[1] * (q.ndim - 1)).expand_as(q)
+        m.weight_int = torch.where(rows, q, m.weight_int)
+        m.weight_scale = scale.clone()
+        raised[name] = tuple(int(c) for c in torch.nonzero(bad).flatten().tolist())
+    return raised
 
 
 def weight_sqnr(m) -> float:
@@ -844,7 +903,7 @@ def quantize_biases(p: Prepared) -> None:
         bs = bs.float()
         b = m.bias.detach().double()
         bq = torch.round(b / bs.double())
-        if bq.abs().max() > 2**31 - 1:
+        if bq.abs().max() > INT32_MAX:
             raise QpipeError(f"layer {name}: bias does not fit in int32 at scale s_in*s_w")
         m.bias_int = bq.to(torch.int32)
         m.bias_scale = bs if bs.ndim else bs.expand_as(b).float().clone()
