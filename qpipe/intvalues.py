@@ -3,6 +3,7 @@ and the ONNX stage that writes the same computation (``qpipe.export.intgraph``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +28,33 @@ class Grid:
 @dataclass(frozen=True)
 class Acc:
     """An integer accumulator (zero point 0, unbounded): real value = acc * scale, ``scale`` a float or a
-    per-channel tuple along ``axis``; ``relu``: a ReLU is pending (folded into the next requantisation)."""
+    per-channel tuple along ``axis``; ``bounds``: a ReLU / ReLU6 / clamp to (lo, hi) is pending (folded into the next
+    requantisation)."""
 
     scale: float | tuple[float, ...]
     axis: int = -1
-    relu: bool = False
+    bounds: tuple[float, float] | None = None
+
+
+RELU = (0.0, math.inf)
+
+
+def merge_bounds(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float, float]:
+    """Two clamps in a row: the intersection of their ranges."""
+    return b if a is None else (max(a[0], b[0]), min(a[1], b[1]))
+
+
+def clip_range(grid: Grid, bounds: tuple[float, float] | None) -> tuple[int, int]:
+    """The grid's [qmin, qmax] narrowed to a folded activation's float bounds: ``round(b / s) + z`` (half to even,
+    as the fake quantisation of the clamped value rounds); a ReLU gives [max(qmin, z), qmax]."""
+    lo, hi = grid.qmin, grid.qmax
+    if bounds is None:
+        return lo, hi
+    if bounds[0] > -math.inf:
+        lo = max(lo, round(bounds[0] / grid.scale) + grid.zero_point)
+    if bounds[1] < math.inf:
+        hi = min(hi, round(bounds[1] / grid.scale) + grid.zero_point)
+    return lo, max(lo, hi)
 
 
 def broadcast_shape(n: int, axis: int, ndim: int) -> tuple[int, ...]:
@@ -59,7 +82,7 @@ def onto(value: Grid | Acc, grid: Grid, ndim: int, what: str) -> tuple[float | l
     accumulator of an ndim tensor -- onto ``grid``."""
     if isinstance(value, Grid):
         return value.scale / grid.scale, (), value.zero_point
-    if value.relu:
+    if value.bounds is not None:
         raise QpipeError(f"{what}: a ReLU on an accumulator that feeds an add is not supported")
     s = scales(value.scale)
     return [v / grid.scale for v in s], broadcast_shape(len(s), value.axis, ndim), 0

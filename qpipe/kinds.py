@@ -66,7 +66,7 @@ _X = "qpipe.export.qdq:"
 _N = "qpipe.export.intgraph:IntGraph."
 ACTIVATION_QDQ = _X + "activation_nodes"   # Clip -> QuantizeLinear -> DequantizeLinear (or APoTProject) on a mark
 PASSING = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather", "Identity", "Expand", "Slice",
-           "Split", "Dropout", "MaxPool", "Where")   # ONNX ops of pass-through kinds (Where: masked_fill)
+           "Split", "Dropout", "MaxPool", "Where", "Pad")   # ONNX ops of pass-through kinds (Where: masked_fill)
 
 REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     Kind.INPUT: KindSpec("input", True, None, _I + "visit_input", ACTIVATION_QDQ, _N + "visit_quantizer"),
@@ -87,7 +87,7 @@ REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     Kind.POOL: KindSpec("pool", True, None, _I + "visit_pool", ACTIVATION_QDQ, _N + "visit_pool",
                         ("GlobalAveragePool", "ReduceMean", "AveragePool")),
     Kind.EXCLUDED: KindSpec("float (excluded)", False, None, None, ACTIVATION_QDQ, None),
-    Kind.RELU: KindSpec(int_module=_I + "visit_relu", int_emitter=_N + "visit_relu", onnx_ops=("Relu",)),
+    Kind.RELU: KindSpec(int_module=_I + "visit_relu", int_emitter=_N + "visit_relu", onnx_ops=("Relu", "Clip")),
     Kind.BN: KindSpec(int_module=_I + "visit_bn", int_emitter=_N + "visit_bn", onnx_ops=("BatchNormalization",)),
     Kind.SCALE: KindSpec(int_module=_I + "visit_scale", int_emitter=_N + "visit_scale", onnx_ops=("Mul", "Div")),
     Kind.PASS: KindSpec(int_module=_I + "visit_pass", int_emitter=_N + "visit_pass", onnx_ops=PASSING),

@@ -22,6 +22,7 @@ onnxruntime reproduces it exactly; tests hold the two against each other on ever
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qpipe.errors import QpipeError
-from qpipe.intvalues import Acc, Grid, broadcast_shape, onto, require_8bit, scales
+from qpipe.intvalues import (
+    RELU,
+    Acc,
+    Grid,
+    broadcast_shape,
+    clip_range,
+    merge_bounds,
+    onto,
+    require_8bit,
+    scales,
+)
 from qpipe.kinds import REGISTRY, resolve
 from qpipe.onnx_names import (
     ADDER_INTEGER,
@@ -140,16 +151,16 @@ class IntGraph:
             raise QpipeError(f"{name}: {rec.levels.kind} levels are not a uniform grid; no integer-only graph")
         return Grid(float(rec.scale), int(rec.zero_point), rec.qmin, rec.qmax)
 
-    def quantizer_after(self, tensor: str) -> tuple[onnx.NodeProto, Grid, bool, list[onnx.NodeProto]]:
-        """The activation quantizer that follows ``tensor`` (through one ReLU): (its Mark node, its grid, whether a
-        ReLU lies between, the nodes from the op to the quantizer)."""
-        relu, cur, chain = False, tensor, []
+    def quantizer_after(self, tensor: str):
+        """The activation quantizer that follows ``tensor`` (through Relu / Clip): (its Mark node, its grid, the
+        bounds of the activations between or None, the nodes from the op to the quantizer)."""
+        bounds, cur, chain = None, tensor, []
         while len(self.consumers.get(cur, [])) == 1:
             u = self.consumers[cur][0]
             if u.domain == MARK_DOMAIN and u.op_type == MARK:
-                return u, self.grid(self.mark_name(u)), relu, [*chain, u]
-            if u.op_type == "Relu":
-                relu, cur = True, u.output[0]
+                return u, self.grid(self.mark_name(u)), bounds, [*chain, u]
+            if u.op_type in ("Relu", "Clip"):
+                bounds, cur = merge_bounds(bounds, self.bounds(u)), u.output[0]
                 chain.append(u)
                 continue
             break
@@ -167,14 +178,28 @@ class IntGraph:
             x = self.node("Add", [x, self.const(shift)], "to_u8")
         return self.node("Cast", [x], "u8", to=TensorProto.UINT8), self.const(grid.zero_point + shift, np.uint8)
 
-    def requant(self, x: str, multiplier, shape, grid: Grid, lo: int, zin: int = 0) -> str:
-        """(x - z_in) * multiplier -> grid (dyadic, round half up), clamped to [lo, grid.qmax]."""
+    def bounds(self, node: onnx.NodeProto) -> tuple[float, float]:
+        """The output range of a Relu (0, inf) or a Clip with constant bounds (ReLU6, Hardtanh, clamp)."""
+        if node.op_type == "Relu":
+            return RELU
+        ends = []
+        for i, default in ((1, -math.inf), (2, math.inf)):
+            name = node.input[i] if len(node.input) > i else ""
+            value = self.values.get(name, self.inits.get(name)) if name else None
+            if name and (value is None or value.size != 1):
+                raise QpipeError(f"{node.name}: Clip with a tensor bound has no integer form")
+            ends.append(default if value is None else float(value.reshape(())))
+        return ends[0], ends[1]
+
+    def requant(self, x: str, multiplier, shape, grid: Grid, lo: int, zin: int = 0, hi: int | None = None) -> str:
+        """(x - z_in) * multiplier -> grid (dyadic, round half up), clamped to [lo, hi] (hi: grid.qmax)."""
         d = dyadic(multiplier)
         if zin:
             x = self.node("Sub", [x, self.const(zin)], "sub_zp")
         m = self.const(np.asarray(d.m, np.int64).reshape(shape))
         k = self.const(np.asarray(d.k, np.int64).reshape(shape))
-        return self.node(REQUANT, [x, m, k, self.const(grid.zero_point), self.const(lo), self.const(grid.qmax)],
+        hi = grid.qmax if hi is None else hi
+        return self.node(REQUANT, [x, m, k, self.const(grid.zero_point), self.const(lo), self.const(hi)],
                          "requant", domain=QPIPE_DOMAIN)
 
     def operand(self, tensor: str, grid: Grid, with_zp: bool):
@@ -277,6 +302,9 @@ class IntGraph:
         if node.op_type == "Where":
             self.masked_fill(node)
             return
+        if node.op_type == "Pad":
+            self.pad(node)
+            return
         x = node.input[0]
         xm = self.meta.get(x)
         if isinstance(xm, Weight) and node.op_type == "Transpose":
@@ -325,8 +353,9 @@ class IntGraph:
                                                               xm.zero_point)
         elif isinstance(xm, Acc):
             s = scales(xm.scale)
-            lo = max(gr.qmin, gr.zero_point) if xm.relu else gr.qmin
-            out = self.requant(self.env[x], [v / gr.scale for v in s], broadcast_shape(len(s), xm.axis, self.ndim(x)), gr, lo)
+            lo, hi = clip_range(gr, xm.bounds)
+            out = self.requant(self.env[x], [v / gr.scale for v in s], broadcast_shape(len(s), xm.axis, self.ndim(x)),
+                               gr, lo, hi=hi)
         else:
             raise QpipeError(f"{name}: cannot quantize a {type(xm).__name__} value in the integer graph")
         self.env[y], self.meta[y] = out, gr
@@ -399,12 +428,15 @@ class IntGraph:
         self.meta[node.output[0]] = Acc(am.scale * bm.scale)
 
     def visit_relu(self, node: onnx.NodeProto) -> None:
+        """Relu / Clip (``Kind.RELU``: ReLU, ReLU6, Hardtanh, clamp): pending on an accumulator, the grid's range
+        narrowed on a grid."""
         x, y = node.input[0], node.output[0]
-        xm = self.meta.get(x)
+        xm, bounds = self.meta.get(x), self.bounds(node)
         if isinstance(xm, Acc):
-            self.env[y], self.meta[y] = self.env[x], dataclasses.replace(xm, relu=True)
-        elif isinstance(xm, Grid):   # max(q, z) on a grid
-            gr = dataclasses.replace(xm, qmin=max(xm.qmin, xm.zero_point))
+            self.env[y], self.meta[y] = self.env[x], dataclasses.replace(xm, bounds=merge_bounds(xm.bounds, bounds))
+        elif isinstance(xm, Grid):   # clamp(q, lo, hi) on a grid
+            lo, hi = clip_range(xm, bounds)
+            gr = dataclasses.replace(xm, qmin=lo, qmax=hi)
             self.env[y], self.meta[y] = self.requant(self.env[x], 1.0, (), gr, gr.qmin), gr
         else:
             raise QpipeError(f"{node.name}: ReLU on an unsupported value in the integer graph")
@@ -416,7 +448,7 @@ class IntGraph:
             x, c = c, x
         value = self.values.get(c, self.inits.get(c))
         xm = self.meta.get(x)
-        if value is None or value.size != 1 or not isinstance(xm, Acc) or xm.relu:
+        if value is None or value.size != 1 or not isinstance(xm, Acc) or xm.bounds is not None:
             raise QpipeError(f"{node.name}: multiplication by a constant is folded only after Conv/Linear/matmul")
         f = float(value.reshape(()))
         f = 1.0 / f if invert else f
@@ -444,15 +476,15 @@ class IntGraph:
                                                  f"{layer}/bias")
             self.meta[node.output[0]] = self.meta[acc]
             return
-        mark, gr, relu, chain = self.quantizer_after(node.output[0])
+        mark, gr, bounds, chain = self.quantizer_after(node.output[0])
         ops = [self.operand(i, gr, with_zp=False) for i in node.input]
-        lo = max(gr.qmin, gr.zero_point) if relu else gr.qmin
+        lo, hi = clip_range(gr, bounds)
         args = []
         for x, mult, shape, zin in ops:
             d = dyadic(mult)
             args += [x, self.const(zin), self.const(np.asarray(d.m, np.int64).reshape(shape)),
                      self.const(np.asarray(d.k, np.int64).reshape(shape))]
-        y = self.node(INT_ADD, [*args, self.const(gr.zero_point), self.const(lo), self.const(gr.qmax)], "add",
+        y = self.node(INT_ADD, [*args, self.const(gr.zero_point), self.const(lo), self.const(hi)], "add",
                       domain=QPIPE_DOMAIN)
         self.env[node.output[0]], self.meta[node.output[0]] = y, gr
         self.fold(chain, y, gr)
@@ -472,6 +504,27 @@ class IntGraph:
         y = self.node("Concat", parts, "concat", **{a.name: helper.get_attribute_value(a) for a in node.attribute})
         self.env[node.output[0]], self.meta[node.output[0]] = y, gr
         self.fold(chain, y, gr)
+
+    def pad(self, node: onnx.NodeProto) -> None:
+        """Padding on a grid: a constant pad writes the grid's value of the constant (0.0 is the zero point);
+        reflect / edge copy values."""
+        x = node.input[0]
+        xm = self.meta.get(x)
+        if not isinstance(xm, Grid):
+            raise QpipeError(f"{node.name}: padding needs a quantized input in the integer graph")
+        inputs = [self.env[x]]
+        for i in node.input[1:2]:
+            if i not in self.env:
+                self.env[i] = self.const(self.inits[i], self.inits[i].dtype, base=i)
+            inputs.append(self.env[i])
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        if mode == "constant":
+            name = node.input[2] if len(node.input) > 2 else ""
+            value = self.values.get(name, self.inits.get(name)) if name else None
+            fill = 0.0 if value is None else float(np.asarray(value).reshape(()))
+            inputs.append(self.const(round(fill / xm.scale) + xm.zero_point))
+        y = self.node("Pad", inputs, "pad", mode=mode)
+        self.env[node.output[0]], self.meta[node.output[0]] = y, xm
 
     def masked_fill(self, node: onnx.NodeProto) -> None:
         """masked_fill(mask, -inf) before a softmax: the lowest value of the grid (as the quantizer after it
@@ -597,7 +650,7 @@ class IntGraph:
         integer bias on that scale."""
         x = node.input[0]
         xm = self.meta.get(x)
-        if not isinstance(xm, Acc) or xm.relu:
+        if not isinstance(xm, Acc) or xm.bounds is not None:
             raise QpipeError(f"{node.name}: the integer graph folds BatchNorm only into the accumulator of the "
                              "layer before it")
         gamma, beta, mean, var = (self.inits[i].astype(np.float64) for i in node.input[1:5])

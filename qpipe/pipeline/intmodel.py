@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qpipe.errors import QpipeError
-from qpipe.intvalues import Acc, Grid, broadcast_shape, onto, require_8bit, scales
+from qpipe.intvalues import Acc, Grid, broadcast_shape, clip_range, merge_bounds, onto, require_8bit, scales
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
 from qpipe.onnx_names import INT_GELU, INT_SOFTMAX
@@ -48,6 +48,7 @@ from .qmodel import (
     QLinear,
     _IntOpMixin,
     _is_scalar,
+    activation_bounds,
     kind_of,
     mode,
 )
@@ -93,12 +94,12 @@ def _mk(multiplier, shape) -> tuple[torch.Tensor, torch.Tensor]:
 class IntRequant(nn.Module):
     """(x - z_in) * multiplier -> grid (dyadic, round half up); per channel when the multiplier is a vector."""
 
-    def __init__(self, multiplier, shape, grid: Grid, lo: int, zin: int = 0):
+    def __init__(self, multiplier, shape, grid: Grid, lo: int, zin: int = 0, hi: int | None = None):
         super().__init__()
         m, k = _mk(multiplier, shape)
         self.register_buffer("m", m)
         self.register_buffer("k", k)
-        self.zp, self.lo, self.hi, self.zin = grid.zero_point, lo, grid.qmax, zin
+        self.zp, self.lo, self.hi, self.zin = grid.zero_point, lo, grid.qmax if hi is None else hi, zin
 
     def forward(self, x):
         return _requant(x, self.m, self.k, self.zp, self.lo, self.hi, self.zin)
@@ -181,16 +182,16 @@ def _add(a, za: int, ma, ka, b, zb: int, mb, kb, zp: int, qmin: int, qmax: int):
 
 class IntAdd(nn.Module):
     """Residual add: each operand (a grid, an accumulator or an integerised constant) requantised to the output
-    grid, summed, clamped (a folded ReLU raises the lower bound to the zero point)."""
+    grid, summed, clamped to [lo, hi] (a folded ReLU / ReLU6 narrows the grid's range, ``clip_range``)."""
 
-    def __init__(self, mults, shapes, zins, grid: Grid, lo: int):
+    def __init__(self, mults, shapes, zins, grid: Grid, lo: int, hi: int):
         super().__init__()
         for i in (0, 1):
             m, k = _mk(mults[i], shapes[i])
             self.register_buffer(f"m{i}", m)
             self.register_buffer(f"k{i}", k)
         self.za, self.zb = zins
-        self.zp, self.lo, self.hi = grid.zero_point, lo, grid.qmax
+        self.zp, self.lo, self.hi = grid.zero_point, lo, hi
 
     def forward(self, a, b):
         return _add(a, self.za, self.m0, self.k0, b, self.zb, self.m1, self.k1, self.zp, self.lo, self.hi)
@@ -248,6 +249,32 @@ class IntMaxPool(nn.Module):
 
     def forward(self, x):
         return _max_pool(x, self.kernel, self.stride, self.padding, self.signed)
+
+
+def _padding(node: fx.Node, modules) -> tuple[tuple[int, ...], str] | None:
+    """(pads, mode) of a padding node (nn.ZeroPad2d / ReflectionPad2d / ReplicationPad2d or F.pad), else None."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        modes = {nn.ZeroPad2d: "constant", nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}
+        mode = next((v for cls, v in modes.items() if isinstance(m, cls)), None)
+        return (tuple(m.padding), mode) if mode else None
+    if node.op == "call_function" and node.target is F.pad:
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        return tuple(node.args[1] if len(node.args) > 1 else node.kwargs["pad"]), mode
+    return None
+
+
+class IntPad(nn.Module):
+    """Padding on a grid: zero padding writes the zero point (the grid's 0.0); reflect / replicate copy values."""
+
+    def __init__(self, pads: tuple[int, ...], mode: str, grid: Grid):
+        super().__init__()
+        self.pads, self.mode, self.zp = pads, mode, grid.zero_point
+
+    def forward(self, x):
+        if self.mode == "constant":
+            return F.pad(x, self.pads, value=self.zp)
+        return F.pad(x.double(), self.pads, mode=self.mode).to(torch.int64)   # exact below 2^53
 
 
 def _sum_pool(x, zin: int):
@@ -390,17 +417,17 @@ class Rewriter:
         tm = node.meta.get("tensor_meta")
         return len(tm.shape) if tm is not None else 0
 
-    def aq_after(self, node: fx.Node) -> tuple[fx.Node, ActQuant, bool]:
-        """The quantizer that follows ``node`` (through one ReLU): (its node, the module, whether a ReLU lies
-        between)."""
-        relu, cur = False, node
+    def aq_after(self, node: fx.Node) -> tuple[fx.Node, ActQuant, tuple[float, float] | None]:
+        """The quantizer that follows ``node`` (through ReLU-kind activations): (its node, the module, the bounds
+        of the activations between, None when there are none)."""
+        bounds, cur = None, node
         while len(cur.users) == 1:
             u = next(iter(cur.users))
             k = kind_of(u, self.modules)
             if k == Kind.QUANTIZER:
-                return u, self.modules[u.target], relu
+                return u, self.modules[u.target], bounds
             if k == Kind.RELU:
-                relu, cur = True, u
+                bounds, cur = merge_bounds(bounds, activation_bounds(u, self.modules)), u
                 continue
             break
         raise QpipeError(f"{node.name}: the integer-only graph needs a quantizer after this op")
@@ -505,9 +532,10 @@ class Rewriter:
                                                                  xm.zero_point), self.env[x])
         elif isinstance(xm, Acc):
             s = scales(xm.scale)
-            lo = max(gr.qmin, gr.zero_point) if xm.relu else gr.qmin
+            lo, hi = clip_range(gr, xm.bounds)
             self.env[node] = self.call("requant", IntRequant([v / gr.scale for v in s],
-                                                             broadcast_shape(len(s), xm.axis, self.ndim(x)), gr, lo),
+                                                             broadcast_shape(len(s), xm.axis, self.ndim(x)), gr, lo,
+                                                             hi=hi),
                                        self.env[x])
         else:
             raise QpipeError(f"{node.name}: cannot quantize a {type(xm).__name__} value in the integer graph")
@@ -540,7 +568,7 @@ class Rewriter:
     def visit_bn(self, node: fx.Node) -> None:
         x, xm = self.operand(node)
         target = node.target
-        if not isinstance(xm, Acc) or xm.relu:
+        if not isinstance(xm, Acc) or xm.bounds is not None:
             raise QpipeError(f"{target}: the integer graph folds BatchNorm only into the accumulator of the "
                              "layer before it")
         s = scales(xm.scale)
@@ -549,12 +577,16 @@ class Rewriter:
         self.meta[node] = Acc(mod.scales, axis=1)
 
     def visit_relu(self, node: fx.Node) -> None:
+        """ReLU / ReLU6 / Hardtanh / clamp: pending on an accumulator (folded into the next requantisation), the
+        grid's range narrowed on a grid."""
         x, xm = self.operand(node)
+        bounds = activation_bounds(node, self.modules)
         if isinstance(xm, Acc):
-            self.env[node], self.meta[node] = self.env[x], replace(xm, relu=True)
+            self.env[node], self.meta[node] = self.env[x], replace(xm, bounds=merge_bounds(xm.bounds, bounds))
             return
-        if isinstance(xm, Grid):  # max(q, z) on a grid
-            gr = replace(xm, qmin=max(xm.qmin, xm.zero_point))
+        if isinstance(xm, Grid):  # clamp(q, lo, hi) on a grid
+            lo, hi = clip_range(xm, bounds)
+            gr = replace(xm, qmin=lo, qmax=hi)
             self.env[node] = self.call("relu", IntRequant(1.0, (), gr, gr.qmin, 0), self.env[x])
             self.meta[node] = gr
             return
@@ -567,7 +599,7 @@ class Rewriter:
             c = 1.0 / c
         src = next(a for a in args if isinstance(a, fx.Node))
         sm = self.meta.get(src)
-        if not isinstance(sm, Acc) or sm.relu:
+        if not isinstance(sm, Acc) or sm.bounds is not None:
             raise QpipeError(f"{node.name}: multiplication by a constant is folded only after Conv/Linear/matmul")
         s = scales(sm.scale)
         self.env[node] = self.env[src]
@@ -584,21 +616,21 @@ class Rewriter:
 
     def visit_add(self, node: fx.Node) -> None:
         args = node.args
-        aq_node, aq, relu = self.aq_after(node)
+        aq_node, aq, bounds = self.aq_after(node)
         gr = _grid(aq)
         operands = [a for a in args[:2]]
         if not all(isinstance(a, fx.Node) for a in operands):
             raise QpipeError(f"{node.name}: adding a plain number is not supported in the integer graph")
         ops = [self.as_operand(a, gr, with_zp=False) for a in operands]
-        lo = max(gr.qmin, gr.zero_point) if relu else gr.qmin
-        mod = IntAdd([o[1] for o in ops], [o[2] for o in ops], [o[3] for o in ops], gr, lo)
+        lo, hi = clip_range(gr, bounds)
+        mod = IntAdd([o[1] for o in ops], [o[2] for o in ops], [o[3] for o in ops], gr, lo, hi)
         y = self.call("add", mod, ops[0][0], ops[1][0])
         self.env[node], self.meta[node] = y, gr
         self.mark_folded(node, aq_node, y, gr)
 
     def visit_cat(self, node: fx.Node) -> None:
         args = node.args
-        aq_node, aq, relu = self.aq_after(node)
+        aq_node, aq, _ = self.aq_after(node)
         gr = _grid(aq)
         parts = []
         for a in args[0]:
@@ -652,6 +684,13 @@ class Rewriter:
         op, target, args = node.op, node.target, node.args
         if op == "call_module" and isinstance(self.modules[target], nn.MaxPool2d):
             self.env[node] = self.call(target, IntMaxPool(self.modules[target], xm), self.env[x])
+            self.meta[node] = xm
+            return
+        pad = _padding(node, self.modules)
+        if pad is not None:
+            if not isinstance(xm, Grid):
+                raise QpipeError(f"{node.name}: padding needs a quantized input in the integer graph")
+            self.env[node] = self.call("pad", IntPad(*pad, xm), self.env[x])
             self.meta[node] = xm
             return
         if k == Kind.PASS and op == "call_method" and target == "masked_fill" and isinstance(xm, Grid):

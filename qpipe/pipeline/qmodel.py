@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qpipe.errors import QpipeError
+from qpipe.intvalues import RELU
 from qpipe.kinds import QUANTIZED_KINDS, REGISTRY, Kind, resolve
 from qpipe.models.adder import AdderConv2d, adder2d, adder2d_forward
 from qpipe.onnx_names import INT_GELU, INT_LAYERNORM, INT_SOFTMAX, MARK, MARK_ADDER, MARK_DOMAIN, MARK_INT_OP
@@ -441,9 +442,15 @@ def to_int_op(m: nn.Module, name: str, recipe: Recipe) -> nn.Module:
     return q
 
 
-RELU_MODULES = (nn.ReLU,)
-RELU_FUNCS = (F.relu, torch.relu)
-PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+# ReLU and the bounded activations (ReLU6, Hardtanh, clamp with constant bounds): folded into the producer's
+# output range -- the quantizer after them sees their output (``activation_bounds`` says the range)
+RELU_MODULES = (nn.ReLU, nn.Hardtanh)   # nn.ReLU6 is a Hardtanh
+RELU_FUNCS = (F.relu, torch.relu, F.relu6, F.hardtanh)
+CLAMP_FUNCS = (torch.clamp, torch.clip)
+CLAMP_METHODS = ("clamp", "clip")
+# values pass through on their grid: no requantisation (zero padding pads with the grid's zero point)
+PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ReflectionPad2d,
+                nn.ReplicationPad2d)
 PASS_FUNCS = (torch.flatten, F.max_pool2d, F.dropout, operator.getitem, torch.permute, torch.transpose,
               torch.reshape)
 PASS_METHODS = ("flatten", "view", "reshape", "contiguous", "permute", "transpose", "expand", "squeeze",
@@ -487,6 +494,44 @@ def _is_scalar(node: fx.Node) -> bool:
     return False
 
 
+def _constant_bounds(node: fx.Node) -> tuple[float, float] | None:
+    """(min, max) of ``clamp(x, min, max)`` with numbers (missing: -inf / inf); None when a bound is a tensor."""
+    args = list(node.args[1:]) + [None] * 2
+    lo = node.kwargs.get("min", args[0])
+    hi = node.kwargs.get("max", args[1])
+    if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)) or (lo is None and hi is None):
+        return None
+    return (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
+
+
+def _zero_padding(node: fx.Node) -> bool:
+    """``F.pad`` that keeps values on their grid: constant 0 (the zero point), reflect or replicate."""
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    return mode in ("reflect", "replicate") or (mode == "constant" and value in (None, 0, 0.0))
+
+
+def activation_bounds(node: fx.Node, modules) -> tuple[float, float]:
+    """The output range of a ReLU-kind node: ReLU (0, inf), ReLU6 (0, 6), Hardtanh (min_val, max_val), clamp."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return (float(m.min_val), float(m.max_val)) if isinstance(m, nn.Hardtanh) else RELU
+    if node.target is F.relu6:
+        return 0.0, 6.0
+    if node.target is F.hardtanh:
+        args = list(node.args[1:]) + [None] * 2
+        lo, hi = node.kwargs.get("min_val", args[0]), node.kwargs.get("max_val", args[1])
+        return -1.0 if lo is None else float(lo), 1.0 if hi is None else float(hi)
+    if node.target in CLAMP_FUNCS or (node.op == "call_method" and node.target in CLAMP_METHODS):
+        return _constant_bounds(node)
+    return RELU
+
+
+def _nonneg_activation(node: fx.Node, modules) -> bool:
+    """A ReLU-kind node whose output is never negative (its quantizer can be unsigned)."""
+    return kind_of(node, modules) == Kind.RELU and activation_bounds(node, modules)[0] >= 0
+
+
 def kind_of(node: fx.Node, modules) -> Kind:
     """The kind of a node of the captured graph (``qpipe.kinds``); ``modules``: the graph's named modules."""
     if node.op == "placeholder":
@@ -511,8 +556,10 @@ def kind_of(node: fx.Node, modules) -> Kind:
             if isinstance(m, cls):
                 return kind
     if node.op == "call_function":
-        if node.target in RELU_FUNCS:
+        if node.target in RELU_FUNCS or (node.target in CLAMP_FUNCS and _constant_bounds(node) is not None):
             return Kind.RELU
+        if node.target is F.pad and _zero_padding(node):
+            return Kind.PASS
         if node.target in ADD_FUNCS:
             return Kind.ADD
         if node.target in PASS_FUNCS:
@@ -532,7 +579,7 @@ def kind_of(node: fx.Node, modules) -> Kind:
                 and isinstance(node.args[0], fx.Node) and not _is_scalar(node.args[0]):
             return Kind.SCALE  # division by a constant number (BERT's scores / sqrt(d))
     if node.op == "call_method":
-        if node.target == "relu":
+        if node.target == "relu" or (node.target in CLAMP_METHODS and _constant_bounds(node) is not None):
             return Kind.RELU
         if node.target == "add":
             return Kind.ADD
@@ -635,7 +682,7 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                     continue  # a Linear read only by a residual add: the add's quantizer takes its accumulator
                 if qat and not _qat_point(node, modules):
                     continue
-                nn_flag = (k in (Kind.POOL, Kind.CAT) and all(nonneg.get(x, False) or kind_of(x, modules) == Kind.RELU
+                nn_flag = (k in (Kind.POOL, Kind.CAT) and all(nonneg.get(x, False) or _nonneg_activation(x, modules)
                                                                    for x in node.all_input_nodes))
                 tail, relu = _tail(node, modules, scale=k in (Kind.LAYER, Kind.MATMUL))
                 nn_flag = nn_flag or relu or k == Kind.SOFTMAX
@@ -681,14 +728,14 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
 
 
 def _tail(node: fx.Node, modules, scale: bool = True) -> tuple[fx.Node, bool]:
-    """(the node whose value a quantizer after ``node`` reads, whether a ReLU lies between): past a following BN,
-    a constant scale (``scale``) and at most one ReLU."""
+    """(the node whose value a quantizer after ``node`` reads, whether its values are never negative): past a
+    following BN, a constant scale (``scale``) and at most one ReLU-kind activation (ReLU, ReLU6, clamp, ...)."""
     tail = node
     while len(tail.users) == 1:
         user = next(iter(tail.users))
         uk = kind_of(user, modules)
         if uk == Kind.RELU:
-            return user, True
+            return user, activation_bounds(user, modules)[0] >= 0
         if not (uk == Kind.BN or (uk == Kind.SCALE and scale)):
             break
         tail = user

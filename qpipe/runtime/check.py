@@ -17,7 +17,7 @@ from qpipe.onnx_names import ADDER2D, INT_LAYERNORM, INT_SOFTMAX
 from qpipe.onnx_names import QPIPE_DOMAIN as INT_DOMAIN
 from qpipe.record import Encoding, TensorKind, int_key
 
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool",
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "Pad",
            "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Identity", "Transpose", "Concat",
            "ReduceMean", "Mul",
            # transformers: float Softmax / LayerNorm / GELU between Q/DQ, the int64 Cast/Sub around ai.qpipe ops,
@@ -29,7 +29,7 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add"
 # The integer-only graph: integer tensors only, between one QuantizeLinear and one DequantizeLinear
 INT_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "ConvInteger", "MatMulInteger", "Add", "Sub", "Mul",
            "Reshape", "Transpose", "Gather", "Concat", "Shape", "Unsqueeze", "Squeeze", "Expand", "Where", "Equal",
-           "ConstantOfShape", "Flatten", "MaxPool", "ReduceSum", "Constant", "Identity", "Slice"}
+           "ConstantOfShape", "Flatten", "MaxPool", "ReduceSum", "Constant", "Identity", "Slice", "Pad"}
 INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
              onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
              onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.BOOL}
