@@ -32,6 +32,8 @@ class Kind(str, enum.Enum):
     CAT = "cat"                # torch.cat
     POOL = "pool"              # average pooling / mean
     EXCLUDED = "excluded"      # a module the recipe keeps whole and float (``exclude:``)
+    ACTIVATION = "activation"  # SiLU, Hardswish, Sigmoid, LeakyReLU, PReLU, Tanh, ...: float between Q/DQ
+    MUL = "mul"                # a product of two tensors (squeeze-excite's x * sigmoid(s))
     RELU = "relu"              # taken with the producer before it (its output grid starts at the zero point)
     BN = "bn"                  # BatchNorm: folded into the layer before it, or kept after an adder
     SCALE = "scale"            # multiplication / division by a constant number: folded into the requantisation
@@ -87,6 +89,10 @@ REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     Kind.POOL: KindSpec("pool", True, None, _I + "visit_pool", ACTIVATION_QDQ, _N + "visit_pool",
                         ("GlobalAveragePool", "ReduceMean", "AveragePool")),
     Kind.EXCLUDED: KindSpec("float (excluded)", False, None, None, ACTIVATION_QDQ, None),
+    # no integer form yet (the integer-only graph says so); their QDQ form is DQ -> op -> Q, which onnxruntime fuses
+    # into QLinearSigmoid / QLinearLeakyRelu / QLinearMul where it has such a kernel
+    Kind.ACTIVATION: KindSpec("activation", True, None, None, ACTIVATION_QDQ, None),
+    Kind.MUL: KindSpec("mul", True, None, None, ACTIVATION_QDQ, None),
     Kind.RELU: KindSpec(int_module=_I + "visit_relu", int_emitter=_N + "visit_relu", onnx_ops=("Relu", "Clip")),
     Kind.BN: KindSpec(int_module=_I + "visit_bn", int_emitter=_N + "visit_bn", onnx_ops=("BatchNormalization",)),
     Kind.SCALE: KindSpec(int_module=_I + "visit_scale", int_emitter=_N + "visit_scale", onnx_ops=("Mul", "Div")),

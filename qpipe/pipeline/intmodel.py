@@ -489,7 +489,11 @@ class Rewriter:
         elif node.op == "output":
             self.visit_output(node)
         else:
-            resolve(REGISTRY[kind_of(node, self.modules)].int_module)(self, node)
+            kind = kind_of(node, self.modules)
+            step = REGISTRY[kind].int_module
+            if step is None:
+                raise QpipeError(f"{node.name}: {kind} ops have no integer form yet (the QDQ graph runs them in float)")
+            resolve(step)(self, node)
 
     def operand(self, node: fx.Node):
         """(the first argument, what its value is: Grid / Acc / Const / 'float' / 'other' / None)."""

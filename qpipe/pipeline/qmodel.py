@@ -448,6 +448,13 @@ RELU_MODULES = (nn.ReLU, nn.Hardtanh)   # nn.ReLU6 is a Hardtanh
 RELU_FUNCS = (F.relu, torch.relu, F.relu6, F.hardtanh)
 CLAMP_FUNCS = (torch.clamp, torch.clip)
 CLAMP_METHODS = ("clamp", "clip")
+# elementwise activations without a bound to fold: a quantizer after them (DQ -> op -> Q in the QDQ graph)
+ACTIVATION_MODULES = (nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.Tanh, nn.ELU,
+                      nn.Mish)
+ACTIVATION_FUNCS = (F.silu, F.hardswish, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.leaky_relu, torch.tanh,
+                    F.tanh, F.elu, F.mish)
+ACTIVATION_METHODS = ("sigmoid", "tanh")
+UNIT_RANGE = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")  # outputs in [0, 1]
 # values pass through on their grid: no requantisation (zero padding pads with the grid's zero point)
 PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ReflectionPad2d,
                 nn.ReplicationPad2d)
@@ -527,6 +534,12 @@ def activation_bounds(node: fx.Node, modules) -> tuple[float, float]:
     return RELU
 
 
+def _unit_range(node: fx.Node, modules) -> bool:
+    """A sigmoid-like activation: its outputs lie in [0, 1] (an unsigned quantizer)."""
+    target = type(modules[node.target]) if node.op == "call_module" else node.target
+    return target in UNIT_RANGE
+
+
 def _nonneg_activation(node: fx.Node, modules) -> bool:
     """A ReLU-kind node whose output is never negative (its quantizer can be unsigned)."""
     return kind_of(node, modules) == Kind.RELU and activation_bounds(node, modules)[0] >= 0
@@ -544,6 +557,8 @@ def kind_of(node: fx.Node, modules) -> Kind:
             return Kind.ADDER
         if isinstance(m, RELU_MODULES):
             return Kind.RELU
+        if isinstance(m, ACTIVATION_MODULES):
+            return Kind.ACTIVATION
         if isinstance(m, nn.BatchNorm2d):
             return Kind.BN
         if isinstance(m, PASS_MODULES):
@@ -560,6 +575,8 @@ def kind_of(node: fx.Node, modules) -> Kind:
             return Kind.RELU
         if node.target is F.pad and _zero_padding(node):
             return Kind.PASS
+        if node.target in ACTIVATION_FUNCS:
+            return Kind.ACTIVATION
         if node.target in ADD_FUNCS:
             return Kind.ADD
         if node.target in PASS_FUNCS:
@@ -575,12 +592,17 @@ def kind_of(node: fx.Node, modules) -> Kind:
         if node.target in MUL_FUNCS and any(isinstance(a, (int, float)) for a in node.args) \
                 and not any(isinstance(a, fx.Node) and _is_scalar(a) for a in node.args):
             return Kind.SCALE  # multiplication by a constant number
+        if node.target in MUL_FUNCS and len(node.args) == 2 and all(
+                isinstance(a, fx.Node) and not _is_scalar(a) and a.op != "get_attr" for a in node.args):
+            return Kind.MUL    # two tensors (squeeze-excite)
         if node.target in DIV_FUNCS and len(node.args) == 2 and isinstance(node.args[1], (int, float)) \
                 and isinstance(node.args[0], fx.Node) and not _is_scalar(node.args[0]):
             return Kind.SCALE  # division by a constant number (BERT's scores / sqrt(d))
     if node.op == "call_method":
         if node.target == "relu" or (node.target in CLAMP_METHODS and _constant_bounds(node) is not None):
             return Kind.RELU
+        if node.target in ACTIVATION_METHODS:
+            return Kind.ACTIVATION
         if node.target == "add":
             return Kind.ADD
         if node.target in PASS_METHODS:
@@ -685,7 +707,7 @@ def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
                 nn_flag = (k in (Kind.POOL, Kind.CAT) and all(nonneg.get(x, False) or _nonneg_activation(x, modules)
                                                                    for x in node.all_input_nodes))
                 tail, relu = _tail(node, modules, scale=k in (Kind.LAYER, Kind.MATMUL))
-                nn_flag = nn_flag or relu or k == Kind.SOFTMAX
+                nn_flag = nn_flag or relu or k == Kind.SOFTMAX or (k == Kind.ACTIVATION and _unit_range(node, modules))
                 bits = a.bits
                 if k == Kind.ADD and a.residual_bits is not None and not _read_by_layer(tail, modules):
                     bits = a.residual_bits

@@ -19,7 +19,7 @@ from qpipe.record import Encoding, TensorKind, int_key
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "Pad",
            "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Identity", "Transpose", "Concat",
-           "ReduceMean", "Mul",
+           "ReduceMean", "Mul", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "PRelu", "Tanh", "Elu", "Mish",
            # transformers: float Softmax / LayerNorm / GELU between Q/DQ, the int64 Cast/Sub around ai.qpipe ops,
            # and the shape arithmetic of the class token
            "Softmax", "LayerNormalization", "Gelu", "Erf", "Div", "Sub", "Pow", "Sqrt", "Cast", "Gather", "Shape",

@@ -113,3 +113,65 @@ def test_mobilenet_style_qdq_graph_fuses_every_conv(mobilenet_w8a8, tmp_path):
     ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(str(opt)).graph.node)
     float_left = {k: v for k, v in ops.items() if k[1] in ("Conv", "FusedConv", "Clip", "Relu")}
     assert ops[("com.microsoft", "QLinearConv")] == CONVS and not float_left, ops
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
+
+
+class TinyEfficientNet(nn.Module):
+    """EfficientNet-Lite / MobileNetV3-style: SiLU, Hardswish, a squeeze-excite block, LeakyReLU, Hardsigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
+                                nn.Hardswish())
+        self.se = SqueezeExcite(8)
+        self.project = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.project(self.se(self.dw(self.stem(x))))
+        x = F.leaky_relu(self.head(F.hardsigmoid(x)), 0.1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def tiny_efficientnet() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyEfficientNet().eval()
+
+
+EFFNET_CONVS = 6   # stem, depthwise, SE reduce / expand, project, head
+
+
+def test_elementwise_activations_and_squeeze_excite_keep_every_conv_input_quantized():
+    rows = quantization_points(tiny_efficientnet(), "w8a8")
+    convs = [r for r in rows if r["op"] == "conv"]
+    assert len(convs) == EFFNET_CONVS
+    assert all("float" not in r["inputs"][0] for r in convs), [(r["name"], r["inputs"]) for r in convs]
+    ops = collections.Counter(r["op"] for r in rows)
+    assert ops["activation"] == 5 and ops["mul"] == 1, ops   # SiLU, Hardswish, sigmoid, hardsigmoid, leaky_relu
+
+
+def test_efficientnet_style_model_passes_check_and_says_why_it_has_no_integer_graph(tmp_path):
+    art = qpipe.calibrate(tiny_efficientnet(), "digits", "w8a8", tmp_path / "art",
+                          overrides=["calibration.images=128"], progress=False)
+    ig = art.record.int_graph
+    assert not ig.available and "no integer form yet" in ig.reason
+    qpipe.export(art, "qdq")
+    m = qpipe.evaluate(art.path, backend="ort", latency=False, progress=False, model=tiny_efficientnet())
+    assert m["parity"]["max_abs_diff_steps"] <= 2 and m["parity"]["top1_agreement"] >= 0.995
+    failed = [r for r in qpipe.check(art) if not r.ok]
+    assert not failed, failed
+    opt = tmp_path / "opt.onnx"
+    make_session(art.file("model.qdq.onnx"), optimized=True, optimized_model_path=opt)
+    ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(str(opt)).graph.node)
+    assert ops[("com.microsoft", "QLinearConv")] == EFFNET_CONVS, ops
