@@ -40,6 +40,23 @@ def _input_quantizer(arg, modules) -> str:
     return "constant"
 
 
+def _float_source(arg, modules, exclude) -> str:
+    """Why a layer's input stays float: the op it comes from (through pass-through ops)."""
+    while isinstance(arg, fx.Node) and kind_of(arg, modules) in (Kind.PASS, Kind.SPLIT) and arg.args:
+        arg = arg.args[0]
+    if not isinstance(arg, fx.Node):
+        return "it reads a constant"
+    kind = kind_of(arg, modules)
+    if arg.op == "call_module":
+        what = f"{arg.target} ({type(modules[arg.target]).__name__})"
+    else:
+        what = f"{arg.name} ({getattr(arg.target, '__name__', arg.target)})"
+    if arg.op == "call_module" and arg.target in exclude:
+        return f"it reads {what}, which the recipe excludes (exclude: [...])"
+    return (f"it reads {what}, an op qpipe does not quantize ({kind}); its output gets no quantizer, so the layer "
+            "runs in float in onnxruntime")
+
+
 def _output_quantizer(node: fx.Node, modules) -> str:
     if kind_of(node, modules) == Kind.LAYER and node.users and all(kind_of(u, modules) == Kind.ADD for u in node.users):
         return "accumulator (to the add)"
@@ -82,9 +99,12 @@ def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list
             [a for a in node.args[0]] if k == Kind.CAT else [])
         owner = _owner(node)
         name = node.target if node.op == "call_module" else (f"{owner}.{node.name}" if owner else node.name)
-        rows.append({"name": name, "module": owner,
-                     "op": op, "inputs": [_input_quantizer(a, modules) for a in tensors],
-                     "output": _output_quantizer(node, modules), "weight_bits": weight})
+        inputs = [_input_quantizer(a, modules) for a in tensors]
+        row = {"name": name, "module": owner, "op": op, "inputs": inputs,
+               "output": _output_quantizer(node, modules), "weight_bits": weight}
+        if k == Kind.LAYER and r.quantizes_activations and inputs and inputs[0] == "float":
+            row["warning"] = f"{name} ({op}) has a float input: {_float_source(tensors[0], modules, r.exclude)}"
+        rows.append(row)
     return rows
 
 
@@ -98,4 +118,5 @@ def format_points(rows: list[dict]) -> str:
     for r in rows:
         counts[r["op"]] = counts.get(r["op"], 0) + 1
     summary = ", ".join(f"{n} {op}" for op, n in counts.items())
-    return "\n".join([line(cols), line(["-" * w for w in width]), *(line(c) for c in cells), "", summary])
+    warnings = [f"warning: {r['warning']}" for r in rows if r.get("warning")]
+    return "\n".join([line(cols), line(["-" * w for w in width]), *(line(c) for c in cells), "", summary, *warnings])

@@ -175,3 +175,24 @@ def test_efficientnet_style_model_passes_check_and_says_why_it_has_no_integer_gr
     make_session(art.file("model.qdq.onnx"), optimized=True, optimized_model_path=opt)
     ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(str(opt)).graph.node)
     assert ops[("com.microsoft", "QLinearConv")] == EFFNET_CONVS, ops
+
+
+class UnknownActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act, self.conv2 = nn.Conv2d(1, 4, 3), nn.SELU(), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.conv2(self.act(self.conv1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1))
+
+
+def test_inspect_warns_about_a_layer_left_with_a_float_input_and_says_why(capsys):
+    rows = quantization_points(UnknownActivation(), "w8a8")
+    warned = {r["name"]: r["warning"] for r in rows if r.get("warning")}
+    assert list(warned) == ["conv2"] and "act (SELU)" in warned["conv2"] and "float" in warned["conv2"]
+    assert not [r for r in quantization_points(UnknownActivation(), "w4a32") if r.get("warning")]  # weights only
+    from qpipe.pipeline.inspect import format_points
+
+    assert format_points(rows).splitlines()[-1].startswith("warning: conv2 (conv) has a float input")
