@@ -16,6 +16,8 @@ import hashlib
 import json
 import math
 import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -343,6 +345,7 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
     units = find_units(p, a.granularity)
     sched = BetaSchedule(a.iters, a.warmup, a.beta[0], a.beta[1])
     report = []
+    spent: list[float] = []   # seconds of each unit learned in this run (resumed ones are free)
     for k, unit in enumerate(units):
         done = workdir / f"unit-{k:03d}.safetensors"
         if done.is_file():
@@ -355,6 +358,7 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
             info = json.loads((workdir / f"unit-{k:03d}.json").read_text())
             report.append({**info, "resumed": True})
             continue
+        t_unit = time.perf_counter()
         seg = segment_module(gm, unit.start, unit.nodes)
         half = cache_mb << 19  # bytes: half of the budget each for inputs and targets
         inputs = _fill(prefix_module(gm, unit.start), images, "quant", 64, half, workdir / "in.npy", device)
@@ -406,6 +410,11 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
         save_file(state, str(tmp))
         tmp.replace(done)
         report.append({**info, "resumed": False})
+        spent.append(time.perf_counter() - t_unit)
+        if progress:   # one line per unit: readable in a log, where the bars are off, and above the bars on a terminal
+            left = (len(units) - k - 1) * sum(spent) / len(spent)
+            tqdm.write(f"adaround: unit {k + 1}/{len(units)} {unit.name} done in {spent[-1]:.1f} s ({iters_run} "
+                       f"iterations, MSE {before:.3g} -> {after:.3g}); about {left:.0f} s left", file=sys.stderr)
     gm.cpu()
     return report
 

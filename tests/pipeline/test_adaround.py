@@ -3,6 +3,7 @@ integers, refusal of malformed recipes, and resume after SIGKILL."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +212,16 @@ def test_memory_mapped_cache_gives_the_same_integers(tmp_path):
         ints[budget] = load_file(str(art.file("quantized.safetensors")))
     for k, v in ints[2048].items():
         np.testing.assert_array_equal(v, ints[0][k], err_msg=k)
+
+
+def test_progress_shows_in_a_log_one_line_per_unit(tmp_path):
+    """stderr is a pipe here (as in a log file), where progress bars are off: every unit still says it is done,
+    how long it took and how long the rest will take."""
+    done = subprocess.run([sys.executable, "-m", "qpipe", "calibrate", "--model", "digits-cnn", "--recipe",
+                           "w4a32-adaround", "--set", "adaround.iters=20", "--set", "calibration.images=64",
+                           "--out", str(tmp_path / "art")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("adaround: unit ")]
+    assert len(lines) == 10 and lines[0].startswith("adaround: unit 1/10") and lines[-1].startswith("adaround: unit 10/10")
+    iterations = [int(re.search(r"\((\d+) iterations", ln).group(1)) for ln in lines]
+    assert all(" s left" in ln for ln in lines) and all(1 <= i <= 20 for i in iterations), lines
