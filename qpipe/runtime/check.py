@@ -3,6 +3,7 @@ equal to the record, parity and accuracy floors (``--expect FILE``)."""
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,84 @@ def weight_codes(t: onnx.TensorProto) -> np.ndarray:
     return a
 
 
+KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")   # float kernels in an optimised graph
+EIGHT_BIT = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+LAYOUT_TRANSPOSES = 2   # onnxruntime's NHWC region of QLinearConv has one Transpose at each end
+
+
+def fusion_census(path: Path, activations_quantized: bool, config: dict[str, str] | None = None) -> Result:
+    """Every quantized Conv / Gemm / MatMul of a QDQ graph runs as a fused integer kernel in onnxruntime's fully
+    optimised graph, and the optimisation adds no Transposes beyond the two at the ends of its NHWC region.
+
+    A float kernel left in the optimised graph fails when its weights are 8-bit integers and its input is an 8-bit
+    activation (or stays float although the recipe quantizes activations). Left float by design, and not counted:
+    INT4 weights (a size choice), inputs that are not an 8-bit QuantizeLinear's (APoT codes), outputs quantized
+    wider than 8 bits (AdderQuant's 16-bit adder inputs) or to APoT levels."""
+    import tempfile
+
+    from .session import make_session
+
+    src = onnx.load(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        make_session(path, optimized=True, optimized_model_path=Path(tmp) / "optimized.onnx", config=config)
+        opt = onnx.load(str(Path(tmp) / "optimized.onnx"))
+    # what each kernel left float was meant to be is read in the graph as exported (the optimiser inlines the
+    # ai.qpipe functions and folds Q/DQ away); a kernel keeps its name or its output's (NCHWc: "<output>_nchwc")
+    g = src.graph
+    exported = {**{n.output[0]: n for n in g.node if n.output}, **{n.name: n for n in g.node if n.name}}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+
+    def zero_point_type(q) -> int | None:
+        z = inits.get(q.input[2]) if len(q.input) > 2 else None
+        return z.data_type if z is not None else onnx.TensorProto.UINT8
+
+    def quantized_after(tensor: str) -> int | str | None:
+        """The zero-point type of the QuantizeLinear that reads ``tensor`` (through Relu / Clip), ``"levels"`` for
+        an ai.qpipe quantizer (APoTProject), or None."""
+        users = consumers.get(tensor, [])
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if u.op_type in ("Relu", "Clip"):
+            return quantized_after(u.output[0])
+        if u.domain == INT_DOMAIN:
+            return "levels"
+        return zero_point_type(u) if u.op_type == "QuantizeLinear" else None
+
+    left = []
+    for kernel in opt.graph.node:
+        n = exported.get(kernel.name) or exported.get(kernel.name.removesuffix("_nchwc")) or \
+            exported.get(kernel.output[0] if kernel.output else "")
+        if kernel.op_type not in KERNELS or n is None or n.op_type not in KERNELS or len(n.input) < 2:
+            continue
+        w, x = producer.get(n.input[1]), producer.get(n.input[0])
+        weight = inits.get(w.input[0]) if w is not None and w.op_type == "DequantizeLinear" else None
+        if weight is None or weight.data_type not in EIGHT_BIT:
+            continue   # float or INT4 weights
+        if x is not None and x.op_type == "DequantizeLinear":
+            q = producer.get(x.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or zero_point_type(q) not in EIGHT_BIT:
+                continue   # APoT codes, or a wider grid
+        elif not activations_quantized:
+            continue       # a weight-only recipe: the input is float by design
+        if quantized_after(n.output[0]) not in (None, *EIGHT_BIT):
+            continue       # the output is quantized wider than 8 bits or to APoT levels (no 8-bit kernel writes it)
+        left.append(n.name or n.op_type)
+    added = sum(n.op_type == "Transpose" for n in opt.graph.node) - sum(n.op_type == "Transpose" for n in g.node)
+    fused = collections.Counter(n.op_type for n in opt.graph.node if n.op_type.startswith("QLinear") or
+                                n.op_type in ("QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"))
+    bad = [f"left float: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}"] if left else []
+    if added > LAYOUT_TRANSPOSES:
+        bad.append(f"{added} Transposes added")
+    detail = "; ".join(bad) or (", ".join(f"{c} {op}" for op, c in sorted(fused.items())) or "no quantized kernels")
+    return Result(f"fused integer kernels {path.name}", not bad, detail)
+
+
 def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> list[Result]:
     art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
     results: list[Result] = []
@@ -159,6 +238,8 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
         results.append(Result(f"op set {path.name}", not extra, f"not allowed: {extra}" if extra else ""))
         if path == qdq:
             results.append(check_integers(art, model))
+            acts = any(t.get("kind") == "activation" for t in art.qparams["tensors"].values())
+            results.append(fusion_census(path, acts))
             transformer = any(n.op_type in TRANSFORMER_OPS for n in model.graph.node)
             adder = any(n.op_type in ADDER_OPS for n in model.graph.node)
 

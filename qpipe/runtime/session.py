@@ -42,13 +42,16 @@ def providers_for(device: str) -> list[str]:
 
 
 def make_session(path: str | Path, device: str = "cpu", optimized: bool = False, threads: int | None = None,
-                 optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
+                 optimized_model_path: str | Path | None = None,
+                 config: dict[str, str] | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     # exact INT4 MatMul if onnxruntime rewrites DequantizeLinear->MatMul into MatMulNBits
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    for key, value in (config or {}).items():   # further session config entries (tests: switch a fusion off)
+        so.add_session_config_entry(key, value)
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -46,3 +46,15 @@ def test_qdq_file_size_vs_fp32(recipe, limit, request):
     qdq = art.file("model.qdq.onnx").stat().st_size
     fp32 = art.file("model.fp32.onnx").stat().st_size
     assert qdq / fp32 <= limit, f"{recipe}: model.qdq.onnx is {100 * qdq / fp32:.1f}% of model.fp32.onnx"
+
+
+def test_check_fails_when_onnxruntime_leaves_a_quantized_conv_float(cnn_w8a8_64_qdq):
+    """Fusion is a contract: check's census passes the demo CNN (every conv a QLinearConv) and fails the same
+    file when onnxruntime's QDQ fusion is switched off, naming the convs left float."""
+    from qpipe.runtime.check import fusion_census
+
+    path = cnn_w8a8_64_qdq.file("model.qdq.onnx")
+    ok = fusion_census(path, activations_quantized=True)
+    assert ok.ok and "9 QLinearConv" in ok.detail, ok
+    off = fusion_census(path, activations_quantized=True, config={"session.disable_quant_qdq": "1"})
+    assert not off.ok and off.detail.startswith("left float: /conv1/Conv"), off
