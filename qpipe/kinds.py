@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from qpipe.onnx_names import INT_GELU, INT_LAYERNORM, INT_SOFTMAX
+
 
 class Kind(str, enum.Enum):
     """What a node of the captured graph is (``qpipe.pipeline.qmodel.kind_of``)."""
@@ -60,6 +62,7 @@ class KindSpec:
     qdq_emitter: str | None = None    # QDQ export of what it leaves in graph.onnx (its marks)
     int_emitter: str | None = None    # the ONNX nodes of its integer form, from graph.onnx and the record
     onnx_ops: tuple[str, ...] = ()    # the op types it appears as in graph.onnx (the int emitter's dispatch)
+    int_op: str | None = None         # the ai.qpipe op of its I-ViT integer form (recipe ops.<kind>: int)
 
 
 _P = "qpipe.pipeline.qmodel:"
@@ -79,11 +82,11 @@ REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     Kind.MATMUL: KindSpec("matmul", True, None, _I + "visit_matmul", ACTIVATION_QDQ, _N + "visit_matmul",
                           ("MatMul",)),
     Kind.SOFTMAX: KindSpec("softmax", True, _P + "to_int_op", _I + "visit_int_op", _X + "int_op_nodes",
-                           _N + "visit_int_op", ("IntOp",)),
+                           _N + "visit_int_op", ("IntOp",), INT_SOFTMAX),
     Kind.GELU: KindSpec("gelu", True, _P + "to_int_op", _I + "visit_int_op", _X + "int_op_nodes",
-                        _N + "visit_int_op", ("IntOp",)),
+                        _N + "visit_int_op", ("IntOp",), INT_GELU),
     Kind.LAYERNORM: KindSpec("layernorm", True, _P + "to_int_op", _I + "visit_int_op", _X + "int_op_nodes",
-                             _N + "visit_int_op", ("IntOp",)),
+                             _N + "visit_int_op", ("IntOp",), INT_LAYERNORM),
     Kind.ADD: KindSpec("add", True, None, _I + "visit_add", ACTIVATION_QDQ, _N + "visit_add", ("Add",)),
     Kind.CAT: KindSpec("concat", True, None, _I + "visit_cat", ACTIVATION_QDQ, _N + "visit_cat", ("Concat",)),
     Kind.POOL: KindSpec("pool", True, None, _I + "visit_pool", ACTIVATION_QDQ, _N + "visit_pool",
@@ -104,6 +107,7 @@ REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
 })
 
 QUANTIZED_KINDS = frozenset(k for k, spec in REGISTRY.items() if spec.quantized_output)
+INT_OP_KINDS = MappingProxyType({spec.int_op: k for k, spec in REGISTRY.items() if spec.int_op})  # op -> kind
 
 
 @functools.cache

@@ -18,13 +18,12 @@ from safetensors.numpy import load_file
 
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
-from qpipe.kinds import REGISTRY, Kind, resolve
+from qpipe.kinds import INT_OP_KINDS, REGISTRY, Kind, resolve
 from qpipe.onnx_names import (
     ADDER2D,
     APOT_PROJECT,
     DEFAULT_OPSET,
     INT_GELU,
-    INT_LAYERNORM,
     INT_SOFTMAX,
     IR_VERSION,
     MARK,
@@ -51,7 +50,6 @@ from qpipe.record import (
 from . import intops as intops_onnx
 
 FORMATS = ("qdq", "fp32", "int", "all")
-INT_OP_KINDS = {INT_SOFTMAX: Kind.SOFTMAX, INT_GELU: Kind.GELU, INT_LAYERNORM: Kind.LAYERNORM}
 LAYOUTS = ("u8", "s8")   # activation container: uint8 (fast on x86) or int8
 # onnxruntime's x86 u8 x s8 kernels (VPMADDUBSW) add pairs of products in int16 with saturation:
 # 2 * 255 * |w| <= 32767 holds for |w| <= 64. Wider int8 weights feeding a uint8 activation are stored as

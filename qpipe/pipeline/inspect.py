@@ -5,19 +5,16 @@ pooling, with the quantizers on its inputs and output and their bits."""
 from __future__ import annotations
 
 import copy
-from types import MappingProxyType
 
 from torch import fx, nn
 
 from qpipe.kinds import REGISTRY, Kind
-from qpipe.onnx_names import INT_GELU, INT_LAYERNORM, INT_SOFTMAX
 from qpipe.recipe import FLOAT_BITS, Recipe, load_recipe
 
 from .capture import _owner
 from .qmodel import ActQuant, _IntOpMixin, kind_of, prepare
 
 POINT_KINDS = tuple(k for k, spec in REGISTRY.items() if spec.label is not None)
-INT_OP_LABEL = MappingProxyType({Kind.SOFTMAX: INT_SOFTMAX, Kind.GELU: INT_GELU, Kind.LAYERNORM: INT_LAYERNORM})
 
 
 def _describe(aq: ActQuant) -> str:
@@ -88,7 +85,7 @@ def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list
         if k == Kind.LAYER:
             op = "conv" if isinstance(m, nn.Conv2d) else "linear"
         if isinstance(m, _IntOpMixin) and m.kind == k:
-            op = INT_OP_LABEL[k]
+            op = REGISTRY[k].int_op
         weight = None
         if k == Kind.ADDER and r.adder.method != "none":
             weight = r.adder.bits

@@ -23,7 +23,7 @@ from qpipe.errors import QpipeError
 from qpipe.intvalues import RELU
 from qpipe.kinds import QUANTIZED_KINDS, REGISTRY, Kind, resolve
 from qpipe.models.adder import AdderConv2d, adder2d, adder2d_forward
-from qpipe.onnx_names import INT_GELU, INT_LAYERNORM, INT_SOFTMAX, MARK, MARK_ADDER, MARK_DOMAIN, MARK_INT_OP
+from qpipe.onnx_names import MARK, MARK_ADDER, MARK_DOMAIN, MARK_INT_OP
 from qpipe.recipe import FLOAT_BITS, Recipe
 from qpipe.record import IntOpRecord
 from qpipe.reference.intops import OUT_BITS
@@ -388,7 +388,7 @@ class _IntOpMixin:
 
         src, dst = self.qstate.quantizers[self.in_q], self.qstate.quantizers[self.out_q]
         s_in = float(src.scale)
-        rec = IntOpRecord({"softmax": INT_SOFTMAX, "gelu": INT_GELU, "layernorm": INT_LAYERNORM}[self.kind],
+        rec = IntOpRecord(REGISTRY[self.kind].int_op,
                           self.in_q, self.out_q, s_in, int(src.zero_point), output_scale=float(dst.scale))
         if self.kind in ("softmax", "gelu"):
             x0 = ref.shiftexp_x0(s_in) if self.kind == "softmax" else ref.gelu_x0(s_in)
