@@ -269,15 +269,19 @@ class IntGraph:
             raise QpipeError(f"{node.name or node.op_type} ({node.op_type}) has no integer form")
         resolve(REGISTRY[kind].int_emitter)(self, node)
 
+    def tensor(self, name: str) -> str:
+        """The integer graph's name for a graph.onnx tensor; an integer initializer (shape, indices) is copied over
+        when first read."""
+        if name and name not in self.env and name in self.inits:
+            self.env[name] = self.const(self.inits[name], self.inits[name].dtype, base=name)
+        return self.env[name] if name else ""
+
     def copy(self, node: onnx.NodeProto, meta) -> None:
         """The node as it is, on the integer tensors (reshape, transpose, gather, ... act on int64 unchanged)."""
-        inputs = []
         for i in node.input:
             if i and i not in self.env and isinstance(self.meta.get(i), Const):
                 raise QpipeError(f"{node.name}: a float constant reaches {node.op_type} in the integer graph")
-            if i and i not in self.env and i in self.inits:   # an integer initializer (shape, indices)
-                self.env[i] = self.const(self.inits[i], self.inits[i].dtype, base=i)
-            inputs.append(self.env[i] if i else "")
+        inputs = [self.tensor(i) for i in node.input]
         outputs = [self.fresh(o) for o in node.output]
         self.nodes.append(helper.make_node(node.op_type, inputs, outputs, name=outputs[0], domain=node.domain))
         self.nodes[-1].attribute.extend(node.attribute)
@@ -316,11 +320,7 @@ class IntGraph:
             def make(grid, node=node, parent=xm, rest=rest):
                 first = parent.make(grid)
                 out = self.fresh(node.output[0])
-                inputs = [first, *(self.env.get(r, r) if r else "" for r in rest)]
-                for r in rest:
-                    if r and r not in self.env and r in self.inits:
-                        self.env[r] = self.const(self.inits[r], self.inits[r].dtype, base=r)
-                        inputs[inputs.index(r)] = self.env[r]
+                inputs = [first, *(self.tensor(r) for r in rest)]
                 self.nodes.append(helper.make_node(node.op_type, inputs, [out], name=out))
                 self.nodes[-1].attribute.extend(node.attribute)
                 return out
@@ -512,11 +512,7 @@ class IntGraph:
         xm = self.meta.get(x)
         if not isinstance(xm, Grid):
             raise QpipeError(f"{node.name}: padding needs a quantized input in the integer graph")
-        inputs = [self.env[x]]
-        for i in node.input[1:2]:
-            if i not in self.env:
-                self.env[i] = self.const(self.inits[i], self.inits[i].dtype, base=i)
-            inputs.append(self.env[i])
+        inputs = [self.env[x], self.tensor(node.input[1])]
         mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
         if mode == "constant":
             name = node.input[2] if len(node.input) > 2 else ""
