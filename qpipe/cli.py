@@ -142,13 +142,18 @@ def format_adaround(report: list[dict]) -> str:
 @click.option("--opset", type=int, default=21, show_default=True)
 @click.option("--layout", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
               help="Activation container: uint8 (fastest in onnxruntime on x86) or int8.")
+@click.option("--weight-layout", type=click.Choice(["auto", "portable", "int8"]), default="auto", show_default=True,
+              help="int8: every weight as int8 (onnxruntime's fast u8 x s8 kernel; exact on CPUs with VNNI/AMX); "
+                   "portable: int8 weights beyond +-64 as uint8+128 (the u8 x u8 kernel: exact on every CPU); "
+                   "auto: int8 where this CPU has VNNI or AMX, portable elsewhere. qpipe check fails an int8 file "
+                   "on a CPU that would saturate it.")
 @click.option("--int4/--no-int4", default=True, show_default=True,
               help="Store <=4-bit conv weights as ONNX INT4 (smallest file) or in int8 (fuses into QLinearConv).")
-def export(artifact, fmt, opset, layout, int4):
+def export(artifact, fmt, opset, layout, weight_layout, int4):
     """Write model.qdq.onnx, model.int.onnx and/or model.fp32.onnx into an artifact folder."""
     from qpipe.export import export as run
 
-    for p in run(artifact, fmt, opset, layout, command=_command(), int4=int4):
+    for p in run(artifact, fmt, opset, layout, command=_command(), weight_layout=weight_layout, int4=int4):
         click.echo(f"wrote {p} ({p.stat().st_size / 1024:.1f} KiB)")
 
 

@@ -55,6 +55,7 @@ LAYOUTS = ("u8", "s8")   # activation container: uint8 (fast on x86) or int8
 # 2 * 255 * |w| <= 32767 holds for |w| <= 64. Wider int8 weights feeding a uint8 activation are stored as
 # uint8 with zero point +128 instead, which runs the exact u8 x u8 kernel (same integers, same result).
 U8S8_SAFE_WEIGHT = 64
+WEIGHT_LAYOUT_PROP = "qpipe.weight_layout"   # ONNX metadata: the weight container choice a QDQ file holds
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -114,18 +115,49 @@ def _weight_tensors(name: str, q: np.ndarray, zp: np.ndarray, bits: int, contain
             numpy_helper.from_array(zp.astype(np.int8), f"{name}_zero_point"))
 
 
-WEIGHT_LAYOUTS = ("auto", "int8")  # int8: never switch to uint8 (unsafe on x86 u8 x s8; for diagnosis only)
+# Weight containers for the integer kernels that read a uint8 activation:
+#   portable: int8 weights with |w| > 64 as uint8 + 128 (the u8 x u8 kernel): exact on every CPU, but on CPUs
+#             with VNNI that kernel is about half as fast as u8 x s8;
+#   int8:     int8 always (the u8 x s8 kernel): fastest, exact where the int8 dot product sums in int32
+#             (x86 VNNI / AMX), saturating on AVX2 and AVX-512 without VNNI;
+#   auto:     int8 where the exporting CPU has VNNI or AMX, portable elsewhere. The file records which one it
+#             holds (metadata ``qpipe.weight_layout``) and ``qpipe check`` fails an int8 file on a CPU that
+#             would saturate it, so an artifact is never silently wrong on another machine.
+WEIGHT_LAYOUTS = ("auto", "portable", "int8")
+
+
+def resolve_weight_layout(weight_layout: str) -> str:
+    """``auto`` -> the fastest exact container choice on this CPU."""
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise QpipeError(f"unknown weight layout {weight_layout!r}; use one of {', '.join(WEIGHT_LAYOUTS)}")
+    if weight_layout != "auto":
+        return weight_layout
+    from qpipe.runtime.session import u8s8_exact
+
+    return "int8" if u8s8_exact() else "portable"
 
 
 def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bool, layout: str, opset: int,
-                     weight_layout: str = "auto", int4: bool = True) -> str:
+                     weight_layout: str = "portable", int4: bool = True) -> str:
     fits4 = q.size == 0 or (int(q.min()) >= -8 and int(q.max()) <= 7)  # APoT b-bit codes reach +-D (D up to 100)
     if int4 and opset >= 21 and bits <= 4 and fits4 and users and all(u == "Conv" for u in users):
         return "int4"  # Conv only: onnxruntime rewrites INT4 DequantizeLinear->MatMul into approximate MatMulNBits
-    if (weight_layout == "auto" and layout == "u8" and fused_input
+    if (weight_layout == "portable" and layout == "u8" and fused_input
             and np.abs(q.astype(np.int32)).max(initial=0) > U8S8_SAFE_WEIGHT):
         return "uint8"
     return "int8"
+
+
+def wide_int8_weights(model: onnx.ModelProto) -> list[str]:
+    """int8 weight initializers of a QDQ file with a value beyond +-64: the ones a saturating u8 x s8 kernel
+    (x86 without VNNI) can get wrong when they meet a uint8 activation."""
+    out = []
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.INT8 and t.name.endswith(".weight_quantized"):
+            a = numpy_helper.to_array(t)
+            if a.size and np.abs(a.astype(np.int16)).max() > U8S8_SAFE_WEIGHT:
+                out.append(t.name.removesuffix("_quantized"))
+    return out
 
 
 @dataclass
@@ -161,12 +193,13 @@ def _mark_kind(emit: Emit, node: onnx.NodeProto, name: str) -> Kind:
 
 
 def build_qdq(graph: onnx.ModelProto, record: QuantRecord, ints: dict[str, np.ndarray], *, layout: str = "u8",
-              opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "auto",
+              opset: int = DEFAULT_OPSET, strip_only: bool = False, weight_layout: str = "portable",
               int4: bool = True, state: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Replace the Mark nodes of ``graph``, each by its kind's emitter (``REGISTRY[kind].qdq_emitter``).
     ``strip_only`` gives the plain float model (marks dropped, integer ops back to their float ops)."""
     if layout not in LAYOUTS:
         raise QpipeError(f"unknown activation layout {layout!r}; use one of {LAYOUTS}")
+    weight_layout = resolve_weight_layout(weight_layout)
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -455,8 +488,7 @@ def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DE
         raise QpipeError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if not 13 <= opset <= 21:
         raise QpipeError(f"--opset {opset} is outside 13..21 (per-axis QDQ needs 13, INT4 weights 21)")
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise QpipeError(f"unknown weight layout {weight_layout!r}; use one of {WEIGHT_LAYOUTS}")
+    weight_layout = resolve_weight_layout(weight_layout)
     graph = _load(art.file("graph.onnx"))
     record = art.record
     try:
@@ -477,6 +509,8 @@ def export(artifact: Artifact | str | Path, format: str = "qdq", opset: int = DE
         name = f"model.{f}.onnx"
         model.doc_string = json.dumps({"qpipe_format": f, "layout": layout, "weight_layout": weight_layout,
                                        "recipe": art.manifest.get("recipe")})
+        if f == "qdq":
+            helper.set_model_props(model, {WEIGHT_LAYOUT_PROP: weight_layout})
         art.add_file(name, model.SerializeToString(), command if f == todo[-1] else None)
         written.append(art.file(name))
     return written

@@ -33,7 +33,7 @@ from .apot import Levels, codes_of
 from .capture import capture
 from .fold import fold_batchnorm
 from .observers import ActivationObserver, estimate
-from .quant import QuantSpec, dequantize, fake_quantize, fake_quantize_ste, lsq_fake_quantize, quantize
+from .quant import QuantSpec, dequantize, fake_quantize, lsq_fake_quantize, quantize
 
 
 def _marker(op_type: str, doc: str) -> type[torch.autograd.Function]:
@@ -323,8 +323,9 @@ class ActQuant(nn.Module):
             return lsq_fake_quantize(x, lsq_scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
         if self.apot:
             return codes_of(x, self.alpha, self.levels).float() * self.scale
-        if self.ste:     # inside a reconstruction unit: let gradients through
-            return fake_quantize_ste(x, self.scale, float(self.zero_point), self.spec.qmin, self.spec.qmax)
+        if self.ste:     # inside a reconstruction unit: let gradients through (one fused kernel each way)
+            return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero_point), self.spec.qmin,
+                                                         self.spec.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
 
 

@@ -209,6 +209,27 @@ def fusion_census(path: Path, activations_quantized: bool, config: dict[str, str
     return Result(f"fused integer kernels {path.name}", not bad, detail)
 
 
+def weight_layout_fits_cpu(model: onnx.ModelProto) -> Result:
+    """A QDQ file exported with int8 weights for a VNNI CPU (``--weight-layout int8``, or ``auto`` there) is exact
+    only where onnxruntime's u8 x s8 dot product sums in int32; on other CPUs it fails here, by name."""
+    from qpipe.export.qdq import WEIGHT_LAYOUT_PROP, wide_int8_weights
+    from qpipe.runtime.session import EXACT_INT8_DOT_FLAGS, cpu_flags, u8s8_exact
+
+    props = {p.key: p.value for p in model.metadata_props}
+    layout = props.get(WEIGHT_LAYOUT_PROP, "portable")
+    name = "weight layout exact on this CPU"
+    if layout != "int8":
+        return Result(name, True, f"{layout} (exact on every CPU)")
+    wide = wide_int8_weights(model)
+    if not wide:
+        return Result(name, True, "int8, every weight within +-64 (exact on every CPU)")
+    if u8s8_exact():
+        have = [f for f in EXACT_INT8_DOT_FLAGS if f in cpu_flags()]
+        return Result(name, True, f"int8 ({len(wide)} full-range weights; exact here: {', '.join(have)})")
+    return Result(name, False, f"{len(wide)} int8 weights beyond +-64 (e.g. {wide[0]}) saturate in onnxruntime's "
+                               "u8 x s8 kernel on this CPU (no VNNI/AMX); re-export with --weight-layout portable")
+
+
 def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> list[Result]:
     art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
     results: list[Result] = []
@@ -240,6 +261,7 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
             results.append(check_integers(art, model))
             acts = any(t.get("kind") == "activation" for t in art.qparams["tensors"].values())
             results.append(fusion_census(path, acts))
+            results.append(weight_layout_fits_cpu(model))
             transformer = any(n.op_type in TRANSFORMER_OPS for n in model.graph.node)
             adder = any(n.op_type in ADDER_OPS for n in model.graph.node)
 

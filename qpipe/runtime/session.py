@@ -74,3 +74,27 @@ def provider(sess: ort.InferenceSession) -> str:
 
 def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+# x86 flags whose int8 dot product (VPDPBUSD, AMX TDPBUSD) sums u8 x s8 products in int32: onnxruntime's
+# u8 x s8 kernels are exact there. Without them (AVX2, AVX-512 without VNNI) VPMADDUBSW adds pairs of products
+# in int16 with saturation, so full-range int8 weights against uint8 activations can saturate.
+EXACT_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(val.split())
+    return frozenset()
+
+
+def u8s8_exact() -> bool:
+    """True when this CPU runs onnxruntime's u8 x s8 integer kernels without int16 saturation (VNNI or AMX)."""
+    return any(f in cpu_flags() for f in EXACT_INT8_DOT_FLAGS)

@@ -225,3 +225,27 @@ def test_progress_shows_in_a_log_one_line_per_unit(tmp_path):
     assert len(lines) == 10 and lines[0].startswith("adaround: unit 1/10") and lines[-1].startswith("adaround: unit 10/10")
     iterations = [int(re.search(r"\((\d+) iterations", ln).group(1)) for ln in lines]
     assert all(" s left" in ln for ln in lines) and all(1 <= i <= 20 for i in iterations), lines
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 6.0), (0.0, None), (None, None)])
+def test_fused_unit_tail_gives_the_op_by_op_loss_and_gradient(bounds):
+    """A layer unit's tail (ReLU6 / ReLU / nothing, then the output quantizer, straight-through) runs as one
+    fused loss in the learning step; loss and gradient equal those of the op-by-op graph."""
+    from qpipe.pipeline.qmodel import ActQuant
+    from qpipe.pipeline.quant import QuantSpec
+
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.randn(4, 8, 6, 6, generator=gen) * 4).contiguous(memory_format=torch.channels_last)
+    t = torch.randn(4, 8, 6, 6, generator=gen).abs() * 3
+    aq = ActQuant(QuantSpec(bits=8, signed=False, symmetric=False))
+    aq.scale, aq.zero_point = torch.tensor(0.03), torch.tensor(20, dtype=torch.int32)
+    aq.ste = True
+    lo, hi = bounds
+    y1, y2 = y.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    ref_loss = ada.recon_loss(aq(y1 if lo is None else torch.clamp(y1, lo, hi)), t)
+    ref_loss.backward()
+    fused = ada.Tail(lo, hi, aq).loss(y2, t)
+    fused.backward()
+    np.testing.assert_allclose(float(fused.detach()), float(ref_loss.detach()), rtol=1e-6)
+    np.testing.assert_allclose(y2.grad.numpy(), y1.grad.numpy(), rtol=1e-6, atol=1e-9)
+    assert (y1.grad == 0).any() and (y1.grad != 0).any()   # the mask matters: some values are clipped
