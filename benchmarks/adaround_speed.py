@@ -170,10 +170,12 @@ def time_fill(p, unit, images, recipe, workdir: Path) -> tuple[dict, object, obj
     return t, inputs, targets
 
 
-def time_steps(p, unit, k: int, inputs, targets, recipe, warmup: int, iters: int) -> dict:
+def time_steps(p, unit, k: int, inputs, targets, recipe, warmup: int, iters: int, granularity: str) -> dict:
     """The optimisation step of ``reconstruct`` (same calls, same order), timed step by step."""
     a, gm, device = recipe.adaround, p.gm, "cpu"
-    seg = segment_module(gm, unit.start, unit.nodes)
+    # as reconstruct: a layer unit's tail (bounded activation, output quantizer) runs as one fused loss
+    tail = ada_mod._tail(gm, unit) if granularity == "layer" and not a.lsq else None
+    seg = segment_module(gm, unit.start, unit.nodes[:1] if tail is not None else unit.nodes)
     n = len(inputs.data)
     step_s, reg_steps = [], 0
     cpu0 = 0.0
@@ -188,7 +190,8 @@ def time_steps(p, unit, k: int, inputs, targets, recipe, warmup: int, iters: int
             # spread the timed steps over the schedule of a SCHEDULE_ITERS-step run
             t = SCHEDULE_ITERS // 2 if i < warmup else (i - warmup) * SCHEDULE_ITERS // iters
             t0 = time.perf_counter()
-            rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device, opt)
+            rec, reg, beta = train_step(seg, inputs, targets, list(ada.values()), a, sched(t), gen, device, opt,
+                                        None, tail)
             rec_v, reg_v = float(rec.detach()), float(reg.detach())  # noqa: F841 (as reconstruct syncs)
             if i >= warmup:
                 step_s.append(time.perf_counter() - t0)
@@ -220,7 +223,7 @@ def crosscheck(p, unit, images, recipe, iters: int, workdir: Path) -> dict:
         return wrapper
 
     with mock.patch.object(ada_mod, "find_units", lambda _p, _g: [unit]), \
-            mock.patch.object(ada_mod, "_fill", timed(ada_mod._fill, "fill")), \
+            mock.patch.object(ada_mod.Stream, "value", timed(ada_mod.Stream.value, "fill")), \
             mock.patch.object(ada_mod, "_mse", timed(ada_mod._mse, "mse")):
         t, c = time.perf_counter(), time.process_time()
         report = reconstruct(p, rec, images, workdir / "reconstruct", run_key({"unit": unit.name, "i": iters}),
@@ -244,7 +247,7 @@ def resnet_part(args, workdir: Path) -> dict:
         print(f"[resnet18] {gran} unit {unit.name} {unit.layers}: filling caches", file=sys.stderr)
         fill, inputs, targets = time_fill(p, unit, images, recipe, workdir)
         print(f"[resnet18]   fill {fill['fill_s']:.1f} s; {args.warmup}+{args.iters} steps", file=sys.stderr)
-        steps = time_steps(p, unit, k, inputs, targets, recipe, args.warmup, args.iters)
+        steps = time_steps(p, unit, k, inputs, targets, recipe, args.warmup, args.iters, gran)
         print(f"[resnet18]   {steps['s_per_1000']:.1f} s / 1000 steps", file=sys.stderr)
         inputs.close()
         targets.close()

@@ -34,9 +34,13 @@ INT_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "ConvInteger", "MatMulI
 INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
              onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
              onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.BOOL}
-# Parity of a QDQ export with the PyTorch quantized model. onnxruntime computes the same integers, but float
-# convolution sums in a different order than the integer kernels, so a value on a rounding tie may land one
-# output step away (seen: 1 step); 2 leaves room for one such tie in each of two successive layers.
+# Parity of a QDQ export with the PyTorch quantized model. In the optimised session the reference is the Q-model
+# with onnxruntime's fused-kernel arithmetic (qpipe.pipeline.ortexact): measured 0 steps on the demo CNN, ResNet18
+# and EfficientNet-Lite0; 2 leaves room for a kernel outside the emulated set. The validation session sums
+# each float Conv in its own order, so a value on a rounding tie may land one step away, and a layer whose output
+# step is finer than its input step times its weights amplifies that (x17 in one EfficientNet-Lite0 depthwise
+# layer: 6 steps at the logits, where onnxruntime's own optimised and validation sessions also differ by 4-6).
+# Its ceiling is 2 plus the distance between onnxruntime's two sessions on the same images.
 PARITY_MAX_STEPS = 2
 # Transformers (graphs with Softmax / LayerNorm, float or ai.qpipe): the fully optimised session replaces
 # DQ -> MatMul -> Q by MatMulIntegerToFloat / QLinearMatMul, which requantise in their own float order at each of
@@ -299,6 +303,10 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
                     limit = PARITY_MAX_STEPS_TRANSFORMER_OPTIMIZED
                 elif adder:
                     limit = PARITY_MAX_STEPS_ADDER
+                elif key == "parity" and _get(metrics, "ort_optimized_vs_validation.max_abs_diff_steps"):
+                    # float noise: no float model can be closer to the validation session than onnxruntime's
+                    # own integer kernels are, on a model that amplifies each tie (see PARITY_MAX_STEPS)
+                    limit = PARITY_MAX_STEPS + _get(metrics, "ort_optimized_vs_validation.max_abs_diff_steps")
                 ceilings.setdefault(f"{key}.max_abs_diff_steps", limit)
     for key, lo in floors.items():
         v = _get(metrics, key)

@@ -115,6 +115,38 @@ def test_units_follow_the_graph():
         torch.testing.assert_close(seg(mid), ada.prefix_module(p.gm, block[2].end)(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_streamed_unit_inputs_and_targets_equal_the_model_recomputed_from_the_images(granularity, tmp_path):
+    """The caches are filled by one streaming pass per mode (values kept while a later node reads them, e.g.
+    a residual block's input); each unit's input and target equal the prefix of the model run on the images."""
+    from qpipe.pipeline.qmodel import calibrate_activations, mode
+
+    r = load_recipe("w4a8", ["calibration.images=64"])
+    p = prepare(load_model("digits-cnn"), r)
+    quantize_weights(p, r)
+    x = torch.randn(70, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calibrate_activations(p, r, [(x[:64], None)])
+    units = ada.find_units(p, granularity)
+    qs = ada.Stream(p.gm, x, "quant", 32, 1 << 30, tmp_path, "cpu", "in")
+    fs = ada.Stream(p.gm, x, "float", 32, 1 << 30, tmp_path, "cpu", "out")
+    peak = 0
+    for u in units:
+        for stream, node, m in ((qs, u.start, "quant"), (fs, u.end, "float")):
+            got = stream.value(node).data
+            with torch.no_grad(), mode(p.gm, m):
+                want = torch.cat([ada.prefix_module(p.gm, node)(x[i:i + 32]) for i in range(0, 70, 32)])
+            # the kept values are channels-last: float sums in another order, so a rare quantizer tie moves
+            d = (got - want).abs()
+            assert float((d > 1e-5).float().mean()) < 1e-3 and float(d.max()) < 0.25, (node.name, float(d.max()))
+        qs.release(u.start)
+        fs.release(u.end)
+        peak = max(peak, len(qs.kept), len(fs.kept))
+    # never more than the images, the unit's boundary and a residual block's input per stream are kept
+    assert peak <= 3
+    qs.close()
+    fs.close()
+
+
 @pytest.fixture(scope="module")
 def adarounded(tmp_path_factory):
     out = tmp_path_factory.mktemp("ada") / "w3"
