@@ -12,7 +12,8 @@ scikit-image and scikit-learn ship; calibration and test crops are drawn with di
 crop is the FP32 model's top-1, so "top-1" below is agreement with FP32.
 
 Variants: FP32, onnxruntime `quantize_static` (QDQ, per-channel int8 weights, uint8 activations, MinMax, on the
-same FP32 ONNX file and the same calibration crops), qpipe `w8a8`, and qpipe `w4a8-adaround` with
+same FP32 ONNX file and the same calibration crops), qpipe `w8a8` (min-max ranges, as onnxruntime's), qpipe
+`w8a8 --set activations.observer=mse`, and qpipe `w4a8-adaround` with
 `adaround.iters` per unit (its wall time and progress lines go to `adaround.log`). Latency: every variant runs
 once per iteration of one loop (the order rotating), fully optimised sessions, 2 intra-op threads, batch 1 and 8.
 Writes `real_cnn.json` and `real_cnn.md`.
@@ -143,11 +144,12 @@ def agreement(path: Path, x: np.ndarray, y: np.ndarray, threads: int) -> dict:
     return {"top1_agreement": float((pred == y).mean()), "n": int(len(y))}
 
 
-def qpipe_variant(work: Path, data: str, weights: str, recipe: str, overrides: list[str], log: Path | None) -> dict:
+def qpipe_variant(work: Path, data: str, weights: str, recipe: str, overrides: list[str], log: Path | None,
+                  name: str | None = None) -> dict:
     """calibrate -> export -> evaluate (parity) with the CLI, as a user runs it; returns wall times and metrics."""
     import subprocess
 
-    out = work / recipe
+    out = work / (name or recipe)
     times = {}
     if not (out / "model.qdq.onnx").is_file():
         if out.exists():
@@ -201,7 +203,9 @@ def main(argv=None) -> int:
     weights = checkpoint_path()
     cal = [f"calibration.images={args.calib}", "calibration.batch_size=32"]
 
-    variants = {"qpipe W8A8": qpipe_variant(work, data, weights, "w8a8", cal, None)}
+    variants = {"qpipe W8A8": qpipe_variant(work, data, weights, "w8a8", cal, None),
+                "qpipe W8A8, MSE activation ranges": qpipe_variant(
+                    work, data, weights, "w8a8", cal + ["activations.observer=mse"], None, "w8a8-mse")}
     fp32 = variants["qpipe W8A8"]["dir"] / "model.fp32.onnx"
     if not fp32.is_file():
         import subprocess

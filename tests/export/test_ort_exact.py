@@ -91,3 +91,30 @@ def test_demo_cnn_optimised_session_equals_the_fused_arithmetic_exactly(artifact
     ops = [n.op_type for n in onnx.load(str(art / "model.qdq.onnx")).graph.node]
     # every Conv, Gemm and residual Add of the demo CNN is a fused group (and its global average pool)
     assert n_groups == ops.count("Conv") + ops.count("Gemm") + ops.count("Add") + ops.count("GlobalAveragePool")
+
+
+def test_check_allows_the_validation_session_the_float_noise_onnxruntime_itself_shows(
+        artifacts, cnn_w8a8_64_qdq, tmp_path):
+    """The validation session's ceiling is 2 steps plus the distance between onnxruntime's own two sessions;
+    the optimised session's stays 2."""
+    import json
+
+    from qpipe.artifact import Artifact
+    from qpipe.runtime.check import check
+
+    art = Artifact(artifacts.copy(cnn_w8a8_64_qdq, tmp_path / "a"))
+    m = evaluate(art.path, progress=False, latency=False)
+    assert m["ort_optimized_vs_validation"]["max_abs_diff_steps"] is not None
+
+    def verdict(val_steps, ort_steps, opt_steps):
+        m["parity"]["max_abs_diff_steps"] = val_steps
+        m["parity_optimized"]["max_abs_diff_steps"] = opt_steps
+        m["ort_optimized_vs_validation"]["max_abs_diff_steps"] = ort_steps
+        art.add_file("metrics-ort-qdq.json", json.dumps(m))
+        return {r.name.split(" <=")[0]: r.ok for r in check(art) if "max_abs_diff_steps" in r.name}
+
+    assert verdict(6, 4, 0) == {"parity.max_abs_diff_steps": True, "parity_optimized.max_abs_diff_steps": True}
+    assert verdict(7, 4, 0)["parity.max_abs_diff_steps"] is False
+    assert verdict(2, 0, 0)["parity.max_abs_diff_steps"] is True
+    assert verdict(3, 0, 0)["parity.max_abs_diff_steps"] is False
+    assert verdict(1, 4, 3)["parity_optimized.max_abs_diff_steps"] is False
