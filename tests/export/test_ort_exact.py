@@ -9,9 +9,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import qpipe
-from qpipe.pipeline.ortexact import FusedAdd, FusedGlobalAvgPool, Grid8
+from qpipe.pipeline.ortexact import FusedAdd, FusedGlobalAvgPool, FusedLayer, Grid8
 from qpipe.pipeline.qmodel import ActQuant
 from qpipe.pipeline.quant import QuantSpec
+from qpipe.reference import ortkernels as ref
 from qpipe.runtime.evaluate import evaluate
 
 OPSET = 21
@@ -63,6 +64,8 @@ def test_fused_add_equals_onnxruntimes_qlinearadd_bit_for_bit(seed):
     xa, xb = ga.values(torch.tensor(a, dtype=torch.float64) - za), gb.values(torch.tensor(b, dtype=torch.float64) - zb)
     ours = FusedAdd(ga, gb, gc)(xa, xb).numpy()
     np.testing.assert_array_equal(ours, ort_out)
+    codes = ref.qlinear_add(a, sa, za, b, sb, zb, sc, zc)      # the NumPy reference, in uint8 codes
+    np.testing.assert_array_equal((codes - zc).astype(np.float32) * np.float32(sc), ort_out)
     assert 0.5 < np.mean((ort_out > ort_out.min()) & (ort_out < ort_out.max()))   # most sums inside the grid
 
 
@@ -78,7 +81,56 @@ def test_fused_global_average_pool_equals_onnxruntime():
                     [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))], "out")
     gx, gy = _grid(sx, zx), _grid(sy, zy)
     ours = FusedGlobalAvgPool(gx, gy)(gx.values(torch.tensor(x, dtype=torch.float64) - zx)).numpy()
-    np.testing.assert_array_equal(ours, sess.run(None, {"x": x})[0])
+    ort_out = sess.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(ours, ort_out)
+    codes = ref.qlinear_global_avg_pool(x, sx, zx, sy, zy)
+    np.testing.assert_array_equal((codes - zy).astype(np.float32) * np.float32(sy), ort_out)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_fused_conv_equals_onnxruntimes_qlinearconv_bit_for_bit(groups):
+    """DQ(x), DQ(w per channel), DQ(int32 bias) -> Conv -> Q fuses into QLinearConv (a depthwise kernel for
+    groups = channels): the exact accumulator requantized at f32(f32(s_x s_w) / s_y); padding reads x's zero
+    point. The NumPy reference, FusedLayer and onnxruntime agree on every code."""
+    from qpipe.pipeline.qmodel import QConv2d
+
+    rng = np.random.default_rng(groups)
+    cin, cout, k = 8, 8, 3
+    x = rng.integers(0, 256, (4, cin, 9, 9)).astype(np.uint8)
+    w = rng.integers(-127, 128, (cout, cin // groups, k, k)).astype(np.int8)
+    sx, zx, sy, zy = 0.02, 11, 0.05, 128
+    sw = rng.uniform(0.001, 0.01, cout).astype(np.float32)
+    b = rng.integers(-3000, 3000, cout).astype(np.int32)
+    bs = (np.float32(sx) * sw).astype(np.float32)
+    nodes = [helper.make_node("DequantizeLinear", ["x", "x_s", "x_z"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["wf"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "b_s", "b_z"], ["bf"], axis=0),
+             helper.make_node("Conv", ["xf", "wf", "bf"], ["y"], pads=[1, 1, 1, 1], group=groups),
+             helper.make_node("QuantizeLinear", ["y", "y_s", "y_z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["out"])]
+    inits = _qdq_params("x", sx, zx) + _qdq_params("y", sy, zy) + [
+        numpy_helper.from_array(w, "w"), numpy_helper.from_array(sw, "w_s"),
+        numpy_helper.from_array(np.zeros(cout, np.int8), "w_z"), numpy_helper.from_array(b, "b"),
+        numpy_helper.from_array(bs, "b_s"), numpy_helper.from_array(np.zeros(cout, np.int32), "b_z")]
+    sess = _session(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))], "out")
+    ort_out = sess.run(None, {"x": x})[0]
+
+    layer = QConv2d(cin, cout, k, padding=1, groups=groups)
+    layer._init_qbuffers()
+    layer.weight_int, layer.weight_scale = torch.tensor(w), torch.tensor(sw)
+    layer.weight_zero_point, layer.bias_int = torch.zeros(cout, dtype=torch.int32), torch.tensor(b)
+    gx, gy = _grid(sx, zx), _grid(sy, zy)
+    ours = FusedLayer(layer, gx, gy)(gx.values(torch.tensor(x, dtype=torch.float64) - zx)).numpy()
+    np.testing.assert_array_equal(ours, ort_out)
+
+    acc = torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64) - zx, torch.tensor(w, dtype=torch.float64),
+                                     torch.tensor(b, dtype=torch.float64), padding=1, groups=groups).numpy()
+    codes = ref.requantize(acc.astype(np.int64), ref.requant_multiplier(sx, sw, sy)[:, None, None], zy)
+    np.testing.assert_array_equal((codes - zy).astype(np.float32) * np.float32(sy), ort_out)
+    inside = (codes > 0) & (codes < 255)
+    assert 0.5 < np.mean(inside)   # most outputs inside the grid
+    exact = acc * (sx * sw.astype(np.float64))[:, None, None] / sy   # the real-valued output, in output steps
+    assert np.abs((codes - zy) - exact)[inside].max() <= 0.5 + 1e-4    # the reference rounds it to nearest
 
 
 def test_demo_cnn_optimised_session_equals_the_fused_arithmetic_exactly(artifacts, cnn_w8a8, tmp_path):
