@@ -101,6 +101,9 @@ def test_mobilenet_style_model_passes_check_with_exact_integer_graph(mobilenet_w
     model = tiny_mobilenet()
     m = qpipe.evaluate(art.path, backend="ort", latency=False, progress=False, model=model)
     assert m["parity"]["max_abs_diff_steps"] <= 2 and m["parity"]["top1_agreement"] >= 0.995
+    # the optimised session against the Q-model in onnxruntime's fused-kernel arithmetic: bit for bit, with
+    # ReLU6 / hardtanh folded away, zero padding and the depthwise kernels
+    assert m["parity_optimized"]["max_abs_diff_steps"] == 0
     mi = qpipe.evaluate(art.path, backend="ort", format="int", latency=False, progress=False, model=model)
     assert mi["parity"]["max_abs_diff"] == 0 and mi["parity_optimized"]["max_abs_diff"] == 0
     failed = [r for r in qpipe.check(art) if not r.ok]
@@ -196,3 +199,25 @@ def test_inspect_warns_about_a_layer_left_with_a_float_input_and_says_why(capsys
     from qpipe.pipeline.inspect import format_points
 
     assert format_points(rows).splitlines()[-1].startswith("warning: conv2 (conv) has a float input")
+
+
+def test_adaround_layer_units_end_at_the_quantizer_after_a_bounded_activation():
+    """A layer unit reconstructs what its output quantizer sees: conv, ReLU6 (or hardtanh), quantizer; its tail
+    is the fused loss of the learning step."""
+    from qpipe.kinds import Kind
+    from qpipe.pipeline import adaround as ada
+    from qpipe.pipeline.qmodel import ActQuant, kind_of, prepare, quantize_weights
+    from qpipe.recipe import load_recipe
+
+    r = load_recipe("w4a8-adaround")
+    p = prepare(tiny_mobilenet(), r)
+    quantize_weights(p, r)
+    modules = dict(p.gm.named_modules())
+    units = {u.name: u for u in ada.find_units(p, "layer")}
+    bounded = [u for name, u in units.items() if ".expand" in name or ".dw" in name or name.startswith("stem")
+               or name == "head"]
+    assert len(bounded) == 8
+    for u in bounded:
+        assert kind_of(u.nodes[1], modules) == Kind.RELU and isinstance(modules[u.nodes[-1].target], ActQuant), u.nodes
+        tail = ada._tail(p.gm, u)
+        assert tail is not None and tail.hi == 6.0 and tail.lo == 0.0
