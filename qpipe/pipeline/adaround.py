@@ -302,8 +302,9 @@ class Stream:
                     ys = mod(*[self.kept[c].rows(i, i + self.batch).to(self.device) for c in frontier])
                     rows = min(self.batch, self.n - i)
                     for node, y in zip(outs, ys, strict=True):
-                        if i == 0:  # a value without the batch dimension (a shape, a constant) is recomputed
-                            batched = isinstance(y, torch.Tensor) and y.ndim > 0 and y.shape[0] == rows
+                        if i == 0:  # a value without the batch dimension (a shape, a constant, a mask) is recomputed
+                            batched = isinstance(y, torch.Tensor) and y.is_floating_point() and y.ndim > 0 \
+                                and y.shape[0] == rows
                             if not batched and node is target:
                                 raise RuntimeError(f"adaround: unit boundary {node.name} is not a batch of tensors")
                             caches[node] = self._new_cache(y) if batched else None

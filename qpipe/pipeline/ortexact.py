@@ -74,6 +74,10 @@ class FusedLayer(nn.Module):
 
     def forward(self, xin: torch.Tensor) -> torch.Tensor:
         layer = self.layer
+        if isinstance(layer, QLinear) and xin.ndim != 2:
+            # a Linear on (B, N, D) exports as MatMul + Add: onnxruntime runs MatMulIntegerToFloat and a float
+            # Add, not QGemm; left to the fake-quantized layer (the quantizer after it rounds as before)
+            return layer(xin)
         n = self.x.codes(xin)
         zw = layer.weight_zero_point.double()
         w = layer.weight_int.double() - (zw.reshape(-1, *[1] * (layer.weight_int.ndim - 1)) if zw.ndim else zw)

@@ -69,7 +69,10 @@ def int4_layers(path: Path) -> set[str]:
     """Layers whose weights an ONNX file holds as INT4 (onnxruntime runs those as DequantizeLinear + float op)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise QpipeError(f"{path} is not a readable ONNX file ({type(e).__name__})") from e
     return {t.name.removesuffix(".weight_quantized") for t in m.graph.initializer
             if t.data_type == onnx.TensorProto.INT4 and t.name.endswith(".weight_quantized")}
 

@@ -79,7 +79,7 @@ def test_onnx_integer_weights_equal_safetensors_for_every_bit_width(rounding, tm
         art = qpipe.calibrate("digits-cnn", "digits", "w8a8", tmp_path / f"b{bits}", progress=False,
                               overrides=[f"weights.bits={bits}", f"weights.rounding={rounding}",
                                          "calibration.images=64"])
-        (path,) = qpipe.export(art, "qdq")
+        (path,) = qpipe.export(art, "qdq", weight_layout="portable")   # the uint8 container on every CPU
         model = onnx.load(str(path))
         ints = load_file(str(art.file("quantized.safetensors")))
         q = json.loads(art.file("qparams.json").read_text())
