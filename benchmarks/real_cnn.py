@@ -172,8 +172,10 @@ def qpipe_variant(work: Path, data: str, weights: str, recipe: str, overrides: l
     times = json.loads((out / "bench_times.json").read_text())
     import qpipe
 
-    m = qpipe.evaluate(out, backend="ort", latency=False, progress=False, write=False, format="qdq")
-    return {"dir": out, "times": times, "parity": m.get("parity"), "parity_optimized": m.get("parity_optimized")}
+    m = qpipe.evaluate(out, backend="ort", latency=False, progress=False, format="qdq")
+    failed = [f"{r.name} ({r.detail})" for r in qpipe.check(out) if not r.ok]
+    return {"dir": out, "times": times, "parity": m.get("parity"), "parity_optimized": m.get("parity_optimized"),
+            "ort_self": m.get("ort_optimized_vs_validation"), "check_failed": failed}
 
 
 def main(argv=None) -> int:
@@ -247,6 +249,8 @@ def main(argv=None) -> int:
         rows[k]["parity_steps"] = (v["parity"] or {}).get("max_abs_diff_steps")
         rows[k]["parity_optimized_steps"] = (v["parity_optimized"] or {}).get("max_abs_diff_steps")
         rows[k]["parity_optimized_agreement"] = (v["parity_optimized"] or {}).get("top1_agreement")
+        rows[k]["ort_self_steps"] = (v["ort_self"] or {}).get("max_abs_diff_steps")
+        rows[k]["check_failed"] = v["check_failed"]
 
     from qpipe.runtime.session import make_session
 
@@ -277,18 +281,22 @@ def markdown(r: dict) -> str:
              f"{m['intra_op_threads']} threads, median of {r['runs']} alternated runs.", "",
              "Latency: median ms (speed-up against FP32's median), min ms after the slash.", "",
              "| variant | top-1 agreement with FP32 | latency b1 ms (vs FP32) / min | latency b8 ms (vs FP32) / min | size | "
-             "QLinearConv / float Conv / Transpose | parity, steps: validation (optimised) | wall time |",
-             "|---|---:|---:|---:|---:|---|---:|---:|"]
+             "QLinearConv / float Conv / Transpose | parity, steps: validation (optimised) [onnxruntime's two "
+             "sessions] | qpipe check | wall time |",
+             "|---|---:|---:|---:|---:|---|---:|---|---:|"]
     for label, row in r["rows"].items():
         l1, l8 = r["latency"]["1"][label], r["latency"]["8"][label]
         times = row.get("times") or {}
         wall = " + ".join(f"{k.replace('_s', '')} {v:.0f} s" for k, v in times.items() if v is not None) or "-"
-        par = "-" if row.get("parity_steps") is None else f"{row['parity_steps']:g} ({row['parity_optimized_steps']:g})"
+        par = "-" if row.get("parity_steps") is None else \
+            f"{row['parity_steps']:g} ({row['parity_optimized_steps']:g}) [{row.get('ort_self_steps')}]"
+        chk = "-" if "check_failed" not in row else ("pass" if not row["check_failed"] else
+                                                      "FAIL: " + "; ".join(row["check_failed"]))
         lines.append(f"| {label} | {100 * row['top1_agreement']:.1f} % | {l1['median_ms']:.2f} ({l1['vs_fp32']:.2f}x) "
                      f"/ {l1['min_ms']:.2f} | {l8['median_ms']:.2f} ({l8['vs_fp32']:.2f}x) / {l8['min_ms']:.2f} | "
                      f"{row['file_mb']:.1f} MB "
                      f"({100 * row['size_vs_fp32']:.0f} %) | {row['QLinearConv']} / {row['float_conv']} / "
-                     f"{row['Transpose']} | {par} | {wall} |")
+                     f"{row['Transpose']} | {par} | {chk} | {wall} |")
     return "\n".join(lines) + "\n"
 
 

@@ -56,6 +56,10 @@ TRANSFORMER_OPS = {"Softmax", "LayerNormalization", INT_SOFTMAX, INT_LAYERNORM}
 PARITY_MAX_STEPS_ADDER = 12
 ADDER_OPS = {ADDER2D}
 PARITY_MIN_AGREEMENT = 0.995
+# where float noise decides (see PARITY_MAX_STEPS): top-1 agreement at least onnxruntime's own optimised-vs-
+# validation agreement on the same images less one point (a second, independent draw of the same noise; on
+# EfficientNet-Lite0's photo crops, with many near-tied classes, onnxruntime agrees with itself on 97-98 %)
+PARITY_AGREEMENT_SLACK = 0.01
 
 
 @dataclass
@@ -292,8 +296,16 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
     floors = dict(exp.get("floors", {}))
     ceilings = dict(exp.get("ceilings", {}))
     if "parity" in metrics:
+        ort_steps = _get(metrics, "ort_optimized_vs_validation.max_abs_diff_steps")
+        ort_agree = _get(metrics, "ort_optimized_vs_validation.top1_agreement")
         for key in ("parity", "parity_optimized"):
-            floors.setdefault(f"{key}.top1_agreement", PARITY_MIN_AGREEMENT)
+            # a session with float-computed layers (the validation session; the optimised one where INT4 weights
+            # leave convs float) is held to the float noise onnxruntime's own two sessions show
+            noisy = ort_steps is not None and (key == "parity" or (_get(metrics, f"{key}.float_layers") or 0) > 0)
+            floor = PARITY_MIN_AGREEMENT
+            if noisy and ort_agree is not None:
+                floor = min(floor, ort_agree - PARITY_AGREEMENT_SLACK)
+            floors.setdefault(f"{key}.top1_agreement", floor)
             if metrics[key].get("max_abs_diff_steps") is not None:
                 exact = metrics.get("format") == "int"  # integer graph: onnxruntime must equal torch exactly
                 limit = PARITY_MAX_STEPS
@@ -303,10 +315,10 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
                     limit = PARITY_MAX_STEPS_TRANSFORMER_OPTIMIZED
                 elif adder:
                     limit = PARITY_MAX_STEPS_ADDER
-                elif key == "parity" and _get(metrics, "ort_optimized_vs_validation.max_abs_diff_steps"):
+                elif noisy and ort_steps:
                     # float noise: no float model can be closer to the validation session than onnxruntime's
                     # own integer kernels are, on a model that amplifies each tie (see PARITY_MAX_STEPS)
-                    limit = PARITY_MAX_STEPS + _get(metrics, "ort_optimized_vs_validation.max_abs_diff_steps")
+                    limit = PARITY_MAX_STEPS + ort_steps
                 ceilings.setdefault(f"{key}.max_abs_diff_steps", limit)
     for key, lo in floors.items():
         v = _get(metrics, key)

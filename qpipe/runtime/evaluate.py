@@ -160,7 +160,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         sess = make_session(onnx_path, device, optimized=False, threads=threads)
         fast = make_session(onnx_path, device, optimized=True, threads=threads)
 
-    n = top1 = top5 = fast_top1 = agree = agree_fast = 0
+    n = top1 = top5 = fast_top1 = agree = agree_fast = agree_ort = 0
     max_diff = max_diff_fast = max_diff_ort = 0.0
     it = (b for _, b in dist.shard(source.batches("test", batch_size, limit)))  # this rank's share
     for x, y in tqdm(it, desc=f"evaluate {backend}", unit="batch", disable=None if progress else True, leave=False):
@@ -183,10 +183,12 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
             max_diff = max(max_diff, float(np.abs(ort_logits - torch_logits).max()))
             max_diff_fast = max(max_diff_fast, float(np.abs(ort_fast - exact_logits).max()))
             max_diff_ort = max(max_diff_ort, float(np.abs(ort_fast - ort_logits).max()))
+            agree_ort += int((ort_fast.argmax(1) == ort_logits.argmax(1)).sum())
     if dist.active():  # sums of counts and maxima of differences over the ranks: the single-process numbers
-        parts = dist.gather((n, top1, top5, fast_top1, agree, agree_fast, max_diff, max_diff_fast, max_diff_ort))
-        n, top1, top5, fast_top1, agree, agree_fast = (sum(p[i] for p in parts) for i in range(6))
-        max_diff, max_diff_fast, max_diff_ort = (max(p[i] for p in parts) for i in (6, 7, 8))
+        parts = dist.gather((n, top1, top5, fast_top1, agree, agree_fast, agree_ort, max_diff, max_diff_fast,
+                             max_diff_ort))
+        n, top1, top5, fast_top1, agree, agree_fast, agree_ort = (sum(p[i] for p in parts) for i in range(7))
+        max_diff, max_diff_fast, max_diff_ort = (max(p[i] for p in parts) for i in (7, 8, 9))
     if n == 0:
         raise QpipeError(f"data {data}: no test images")
 
@@ -208,10 +210,13 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         if exact is not None:
             metrics["parity_optimized"]["reference"] = (f"{reference} with onnxruntime's fused-kernel arithmetic "
                                                         f"({exact.fused_groups} fused groups)")
+            # layers onnxruntime runs as DequantizeLinear + float op (INT4 weights): float noise there too
+            metrics["parity_optimized"]["float_layers"] = len(int4_layers(onnx_path))
             # onnxruntime against itself: the float sums of its validation session break ties in other
             # places than its integer kernels, and the model amplifies each one-step move the same way
             metrics["ort_optimized_vs_validation"] = {"max_abs_diff": max_diff_ort,
-                                                      "max_abs_diff_steps": steps(max_diff_ort)}
+                                                      "max_abs_diff_steps": steps(max_diff_ort),
+                                                      "top1_agreement": agree_ort / n}
     if latency:
         xb = next(iter(source.batches("test", batch_size)))[0]
         if backend == "ort":
