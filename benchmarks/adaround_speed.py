@@ -8,14 +8,14 @@
    granularity ``layer``) and a residual block unit (the ``block`` unit holding ``layer2.0``):
 
    - the time to fill the unit's input cache (quantized model, ``mode("quant")``) and target cache (float model)
-     for the 256 images, with qpipe's own ``prefix_module`` / ``_fill`` / ``Cache`` (batch 64, as ``reconstruct``);
+     for the 256 images, with qpipe's own ``Stream`` / ``Cache`` (batch 64, as ``reconstruct``);
    - seconds per 1 000 optimisation steps at batch 32: the step ``reconstruct`` performs (random batch from the
      cache, forward of ``segment_module`` in ``mode("quant")`` with ``AdaRoundWeight`` soft weights, ``recon_loss`` +
      ``regularizer`` under ``BetaSchedule``, backward, Adam step), timed one step at a time after a few warm-up
      steps. The timed steps walk the beta schedule of a 1 000-step run (the first 20 % without the regulariser,
      as in a real run), so the mean is the cost of 1 000 real steps;
    - a cross-check: qpipe's real ``reconstruct`` run on that one unit (``find_units`` narrowed to it) with fewer
-     steps, its ``_fill`` / ``_mse`` calls timed, so the rest is its optimisation loop;
+     steps, its cache fills (``Stream.value``) and ``_mse`` calls timed, so the rest is its optimisation loop;
    - the process's peak RSS (``ru_maxrss``) after all this, against 4 GiB.
 
 2. The demo CNN (``digits-cnn`` on ``digits``, shipped checkpoint): the wall time of a full W4A32 AdaRound run
@@ -51,7 +51,6 @@ from qpipe.pipeline.adaround import (
     BetaSchedule,
     attached,
     find_units,
-    prefix_module,
     reconstruct,
     run_key,
     segment_module,
@@ -156,11 +155,9 @@ def time_fill(p, unit, images, recipe, workdir: Path) -> tuple[dict, object, obj
     gm, t = p.gm, {}
     half = recipe.adaround.cache_mb << 19
     with clock(t, "input_fill_s"):
-        inputs = ada_mod._fill(prefix_module(gm, unit.start), images, "quant", FILL_BATCH, half,
-                               workdir / "in.npy", "cpu")
+        inputs = ada_mod.Stream(gm, images, "quant", FILL_BATCH, half, workdir, "cpu", "in").value(unit.start)
     with clock(t, "target_fill_s"):
-        targets = ada_mod._fill(prefix_module(gm, unit.end), images, "float", FILL_BATCH, half,
-                                workdir / "out.npy", "cpu")
+        targets = ada_mod.Stream(gm, images, "float", FILL_BATCH, half, workdir, "cpu", "out").value(unit.end)
     t["fill_s"] = t["input_fill_s"] + t["target_fill_s"]
     t["fill_cpu_s"] = t["input_fill_s_cpu"] + t["target_fill_s_cpu"]
     t["input_shape"] = list(inputs.data.shape[1:])

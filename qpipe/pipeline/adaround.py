@@ -330,18 +330,6 @@ class Stream:
             self.kept.pop(n).close()
 
 
-@torch.no_grad()
-def _fill(module, images: torch.Tensor, cache_mode: str, batch: int, budget: int, path: Path, device) -> Cache:
-    cache = None
-    with mode(module, cache_mode):
-        for i in range(0, len(images), batch):
-            y = module(images[i: i + batch].to(device)).float().cpu()
-            if cache is None:
-                cache = Cache(tuple(y.shape[1:]), len(images), budget, path)
-            cache.put(i, y)
-    return cache
-
-
 def _grid(bits: int) -> tuple[int, int]:
     """The signed b-bit grid that weights use, symmetric or not."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1

@@ -145,7 +145,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
     if qmodel is not None and fmt == "qdq" and backend == "ort":
         from qpipe.pipeline.ortexact import fused
 
-        exact = fused(qmodel, int4_layers(onnx_path))
+        float_layers = int4_layers(onnx_path)
+        exact = fused(qmodel, float_layers)
     dev = torch.device(device)
     if qmodel is not None and device == "cuda":
         if not torch.cuda.is_available():
@@ -211,7 +212,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
             metrics["parity_optimized"]["reference"] = (f"{reference} with onnxruntime's fused-kernel arithmetic "
                                                         f"({exact.fused_groups} fused groups)")
             # layers onnxruntime runs as DequantizeLinear + float op (INT4 weights): float noise there too
-            metrics["parity_optimized"]["float_layers"] = len(int4_layers(onnx_path))
+            metrics["parity_optimized"]["float_layers"] = len(float_layers)
             # onnxruntime against itself: the float sums of its validation session break ties in other
             # places than its integer kernels, and the model amplifies each one-step move the same way
             metrics["ort_optimized_vs_validation"] = {"max_abs_diff": max_diff_ort,

@@ -158,12 +158,15 @@ def test_check_allows_the_validation_session_the_float_noise_onnxruntime_itself_
     m = evaluate(art.path, progress=False, latency=False)
     assert m["ort_optimized_vs_validation"]["max_abs_diff_steps"] is not None
 
-    def verdict(val_steps, ort_steps, opt_steps):
-        m["parity"]["max_abs_diff_steps"] = val_steps
-        m["parity_optimized"]["max_abs_diff_steps"] = opt_steps
-        m["ort_optimized_vs_validation"]["max_abs_diff_steps"] = ort_steps
+    def gate(field, val, opt, ort, float_layers=0):
+        """check's verdicts on ``field`` of both sessions, with the session numbers set to these."""
+        m["parity"][field], m["parity_optimized"][field], m["ort_optimized_vs_validation"][field] = val, opt, ort
+        m["parity_optimized"]["float_layers"] = float_layers
         art.add_file("metrics-ort-qdq.json", json.dumps(m))
-        return {r.name.split(" <=")[0]: r.ok for r in check(art) if "max_abs_diff_steps" in r.name}
+        return {r.name.split(" ")[0]: r.ok for r in check(art) if f".{field} " in r.name}
+
+    def verdict(val_steps, ort_steps, opt_steps, float_layers=0):
+        return gate("max_abs_diff_steps", val_steps, opt_steps, ort_steps, float_layers)
 
     assert verdict(6, 4, 0) == {"parity.max_abs_diff_steps": True, "parity_optimized.max_abs_diff_steps": True}
     assert verdict(7, 4, 0)["parity.max_abs_diff_steps"] is False
@@ -171,15 +174,10 @@ def test_check_allows_the_validation_session_the_float_noise_onnxruntime_itself_
     assert verdict(3, 0, 0)["parity.max_abs_diff_steps"] is False
     assert verdict(1, 4, 3)["parity_optimized.max_abs_diff_steps"] is False
     # INT4 weights: onnxruntime runs those convs float in the optimised session too, which then gets the same room
-    m["parity_optimized"]["float_layers"] = 3
-    assert verdict(1, 4, 6)["parity_optimized.max_abs_diff_steps"] is True
+    assert verdict(1, 4, 6, float_layers=3)["parity_optimized.max_abs_diff_steps"] is True
 
     def agreement(val, opt, ort, float_layers=0):
-        m["parity"]["top1_agreement"], m["parity_optimized"]["top1_agreement"] = val, opt
-        m["ort_optimized_vs_validation"]["top1_agreement"] = ort
-        m["parity_optimized"]["float_layers"] = float_layers
-        art.add_file("metrics-ort-qdq.json", json.dumps(m))
-        return {r.name.split(" >=")[0]: r.ok for r in check(art) if "top1_agreement" in r.name}
+        return gate("top1_agreement", val, opt, ort, float_layers)
 
     # near-tied logits: onnxruntime agrees with itself on 97.5 %; the validation session may be one point below
     assert agreement(0.97, 1.0, 0.975) == {"parity.top1_agreement": True, "parity_optimized.top1_agreement": True}
