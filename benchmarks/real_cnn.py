@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adaround-lr", type=float, nargs="+", default=[0.0],
                     help="one AdaRound variant per value of adaround.lr (0: the recipe's 1e-3, tuned for 10 000 "
                          "iterations; 500 take a larger step)")
+    ap.add_argument("--adaround-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra recipe override for the AdaRound variants (repeatable), e.g. activations.observer=mse")
     ap.add_argument("--skip-adaround", action="store_true")
     args = ap.parse_args(argv)
     from efficientnet_lite0 import checkpoint_path
@@ -223,9 +225,11 @@ def main(argv=None) -> int:
     if not args.skip_adaround:
         print(f"w4a8-adaround, {args.adaround_iters} iterations per unit", file=sys.stderr)
         for lr in args.adaround_lr:
-            extra = [f"adaround.lr={lr}"] if lr else []
-            name = "w4a8-adaround" + (f"-lr{lr:g}" if lr else "")
-            label = f"qpipe W4A8 AdaRound, {args.adaround_iters} iterations, lr {lr or 1e-3:g}"
+            extra = ([f"adaround.lr={lr}"] if lr else []) + args.adaround_set
+            name = "w4a8-adaround" + (f"-lr{lr:g}" if lr else "") + "".join(
+                "-" + o.replace("=", "-") for o in args.adaround_set)
+            label = f"qpipe W4A8 AdaRound, {args.adaround_iters} iterations, lr {lr or 1e-3:g}" + "".join(
+                f", {o}" for o in args.adaround_set)
             variants[label] = qpipe_variant(work, data, weights, "w4a8-adaround",
                                             cal + [f"adaround.iters={args.adaround_iters}"] + extra,
                                             work / f"{name}.log", name)
