@@ -8,7 +8,10 @@ points follow from the graph.
   ``mean`` and ``F.relu`` are recognised where they are (``qmodel.kind_of``);
 - ``exclude: [module names]`` keeps those modules whole and in float (they are not traced into);
 - a module that cannot be traced (data-dependent control flow, an unsupported construct) fails with one line that
-  names it, its type and the problem, and says how to exclude it.
+  names it, its type and the problem, and says how to exclude it;
+- models that torch.fx cannot trace as they ship (Hugging Face ``transformers`` models, or any model fx fails on
+  when example inputs are known) go through ``torch.export`` instead (``qpipe.pipeline.exported``): symbolic batch
+  and sequence dimensions, named inputs, the ATen graph written back as torch-level code.
 
 The rewritten model computes the same function (tested to 1e-6 relative in FP32).
 """
@@ -67,13 +70,45 @@ def _problem(e: Exception) -> str:
     return f"{type(e).__name__}: {msg[:160]}"
 
 
-def capture(model: nn.Module, exclude=()) -> fx.GraphModule:
-    """The traced, normalised graph of ``model`` (see the module docstring)."""
+def is_transformers(model: nn.Module) -> bool:
+    """A Hugging Face ``transformers`` model (fx cannot trace those as they ship)."""
+    return type(model).__module__.startswith("transformers.")
+
+
+def example_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Inputs by name that a ``transformers`` model accepts (token ids and a mask, or pixel values), from its
+    config; None for other models (their capture does not need one)."""
+    if not is_transformers(model):
+        return None
+    import inspect
+
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    main = getattr(model, "main_input_name", "input_ids")
+    g = torch.Generator().manual_seed(0)
+    if main == "input_ids":
+        ids = torch.randint(0, min(int(cfg.vocab_size), 1000), (2, 8), generator=g)
+        out = {"input_ids": ids}
+        if "attention_mask" in params:
+            out["attention_mask"] = torch.ones_like(ids)
+        return out
+    if main == "pixel_values":
+        size = cfg.image_size if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
+        hw = (size, size) if isinstance(size, int) else size
+        return {"pixel_values": torch.randn(2, int(getattr(cfg, "num_channels", 3)), *hw, generator=g)}
+    raise QpipeError(f"{type(model).__name__}: inputs of kind {main!r} are not supported yet (token ids and images are)")
+
+
+def capture(model: nn.Module, exclude=(), example: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """The traced, normalised graph of ``model`` (see the module docstring). ``example``: its inputs by name, for
+    the torch.export path (a ``transformers`` model gets them from its config when not given)."""
     exclude = tuple(exclude)
     names = {n for n, _ in model.named_modules()}
     unknown = [e for e in exclude if e not in names]
     if unknown:
         raise QpipeError(f"exclude: the model has no module named {unknown[0]!r}")
+    if is_transformers(model):
+        return _exported(model, exclude, example if example is not None else example_inputs(model), None)
     tracer = Tracer(exclude)
     try:
         graph = tracer.trace(model)
@@ -82,12 +117,31 @@ def capture(model: nn.Module, exclude=()) -> fx.GraphModule:
         name, kind = where
         problem = _problem(e)
         if name:
-            raise QpipeError(f"cannot capture module {name} ({kind}): {problem}; keep it in float with "
-                             f"'exclude: [{name}]' in the recipe (or --set 'exclude=[{name}]')") from e
-        raise QpipeError(f"cannot capture the model's own forward ({kind}): {problem}; move that code into a "
-                         "submodule and exclude it ('exclude: [name]' in the recipe)") from e
+            msg = (f"cannot capture module {name} ({kind}): {problem}; keep it in float with "
+                   f"'exclude: [{name}]' in the recipe (or --set 'exclude=[{name}]')")
+        else:
+            msg = (f"cannot capture the model's own forward ({kind}): {problem}; move that code into a "
+                   "submodule and exclude it ('exclude: [name]' in the recipe)")
+        if example is None or exclude:
+            raise QpipeError(msg) from e
+        return _exported(model, exclude, example, msg)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _name_constants(gm, model)
+    _functional_to_modules(gm)
+    return gm
+
+
+def _exported(model: nn.Module, exclude: tuple, example, fx_failure: str | None) -> fx.GraphModule:
+    """The torch.export path; ``fx_failure``: why torch.fx did not do (said again if export fails too)."""
+    from qpipe.pipeline.exported import export_capture
+
+    if exclude:
+        raise QpipeError(f"exclude: {type(model).__name__} is captured through torch.export, where modules cannot be "
+                         "kept whole yet; leave 'exclude' empty")
+    try:
+        gm = export_capture(model, example)
+    except QpipeError as e:
+        raise QpipeError(f"{fx_failure}; tried torch.export next: {e}" if fx_failure else str(e)) from e
     _functional_to_modules(gm)
     return gm
 

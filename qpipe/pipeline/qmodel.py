@@ -460,7 +460,7 @@ UNIT_RANGE = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoi
 PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ReflectionPad2d,
                 nn.ReplicationPad2d)
 PASS_FUNCS = (torch.flatten, F.max_pool2d, F.dropout, operator.getitem, torch.permute, torch.transpose,
-              torch.reshape)
+              torch.reshape, torch.select)
 PASS_METHODS = ("flatten", "view", "reshape", "contiguous", "permute", "transpose", "expand", "squeeze",
                 "unsqueeze", "masked_fill")   # masked_fill(mask, -inf) before softmax: the quantizer after clamps
 ADD_FUNCS = (operator.add, torch.add, operator.iadd)
@@ -548,6 +548,9 @@ def _nonneg_activation(node: fx.Node, modules) -> bool:
 
 def kind_of(node: fx.Node, modules) -> Kind:
     """The kind of a node of the captured graph (``qpipe.kinds``); ``modules``: the graph's named modules."""
+    val = node.meta.get("val")   # known where capture went through torch.export
+    if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+        return Kind.OTHER        # token ids, masks, positions and arithmetic on them: never quantized
     if node.op == "placeholder":
         return Kind.INPUT
     if node.op == "call_module":
@@ -633,9 +636,10 @@ def share_state(gm: fx.GraphModule) -> QState:
     return state
 
 
-def prepare(model: nn.Module, recipe: Recipe) -> Prepared:
-    """Trace, fold BN (if the recipe says so), swap in Q-modules and insert activation quantizers."""
-    gm = capture(model.eval(), recipe.exclude)
+def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] | None = None) -> Prepared:
+    """Trace, fold BN (if the recipe says so), swap in Q-modules and insert activation quantizers. ``example``:
+    the model's inputs by name, for models captured through torch.export (``capture``)."""
+    gm = capture(model.eval(), recipe.exclude, example)
     if recipe.fold_bn:
         fold_batchnorm(gm)
     modules = dict(gm.named_modules())
