@@ -243,8 +243,54 @@ class IntGraph:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: its ONNX name, dtype (NumPy name), a shape seen in calibration (batch included)
+    and its dynamic axes by name (``{0: "batch", 1: "sequence"}``); an output also names the quantizer whose grid
+    its values lie on (None: float)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    dynamic: dict[int, str]
+    quantizer: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+               "dynamic": {str(k): v for k, v in self.dynamic.items()}}
+        if self.quantizer is not None:
+            out["quantizer"] = self.quantizer
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(int(v) for v in d["shape"]),
+                   {int(k): str(v) for k, v in d["dynamic"].items()}, d.get("quantizer"))
+
+    @property
+    def is_integer(self) -> bool:
+        return not self.dtype.startswith(("float", "bfloat"))
+
+
+def dummy_arrays(specs: tuple[TensorSpec, ...], batch: int = 2) -> list:
+    """One NumPy array per spec at its calibration shape with ``batch`` samples: integers are ones (a token id
+    and an attention mask that keeps every position), floats zeros. For tracing and shape propagation."""
+    import numpy as np
+
+    out = []
+    for sp in specs:
+        shape = (batch, *sp.shape[1:])
+        out.append(np.ones(shape, dtype=sp.dtype) if sp.is_integer else np.zeros(shape, dtype=sp.dtype))
+    return out
+
+
+@dataclass(frozen=True)
 class QuantRecord:
-    """Everything an artifact's quantization is, in one frozen value (``qparams.json``)."""
+    """Everything an artifact's quantization is, in one frozen value (``qparams.json``).
+
+    ``input_shape``: one sample of the (first) input; ``inputs`` / ``outputs``: the graph's inputs and outputs by
+    name (empty in records written before they existed: one float input ``input`` and one output ``logits``, see
+    ``input_specs`` / ``output_specs``); ``axis_limits``: the largest size a dynamic axis may take (``sequence``:
+    the model's position table)."""
 
     input_shape: tuple[int, ...]
     output_quantizer: str | None
@@ -255,6 +301,15 @@ class QuantRecord:
     int_graph: IntGraph | None = None
     adaround: tuple[dict[str, Any], ...] | None = None   # per-unit reconstruction report
     qat: dict[str, Any] | None = None                     # training report (history, alpha init, ...)
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    axis_limits: dict[str, int] = field(default_factory=dict)
+
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self.inputs or (TensorSpec("input", "float32", (2, *self.input_shape), {0: "batch"}),)
+
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        return self.outputs or (TensorSpec("logits", "float32", (), {0: "batch"}, self.output_quantizer),)
 
     def weight(self, layer: str) -> Encoding | None:
         return self.tensors.get(f"{layer}.weight")
@@ -267,11 +322,10 @@ class QuantRecord:
     def quantized_layers(self) -> list[str]:
         return [n for n in self.layers if self.weight(n) is not None]
 
-    def output_scale(self) -> float | None:
-        """The step of the model output's quantizer (parity is measured in it), None when the output is float."""
-        if self.output_quantizer is None:
-            return None
-        return float(self.tensors[self.output_quantizer].scale)
+    def output_scale(self, i: int = 0) -> float | None:
+        """The step of output ``i``'s quantizer (parity is measured in it), None when that output is float."""
+        q = self.output_specs()[i].quantizer
+        return None if q is None else float(self.tensors[q].scale)
 
     def replace(self, **changes) -> QuantRecord:
         return dataclasses.replace(self, **changes)
@@ -290,6 +344,12 @@ class QuantRecord:
             out["qat"] = self.qat
         if self.int_graph is not None:
             out["int_graph"] = self.int_graph.to_json()
+        if self.inputs:
+            out["inputs"] = [t.to_json() for t in self.inputs]
+        if self.outputs:
+            out["outputs"] = [t.to_json() for t in self.outputs]
+        if self.axis_limits:
+            out["axis_limits"] = dict(self.axis_limits)
         return out
 
     @classmethod
@@ -308,6 +368,9 @@ class QuantRecord:
                 int_graph=IntGraph(bool(ig.get("available")), ig.get("reason")) if ig is not None else None,
                 adaround=tuple(d["adaround"]) if d.get("adaround") is not None else None,
                 qat=d.get("qat"),
+                inputs=tuple(TensorSpec.from_json(t) for t in d.get("inputs") or ()),
+                outputs=tuple(TensorSpec.from_json(t) for t in d.get("outputs") or ()),
+                axis_limits={str(k): int(v) for k, v in (d.get("axis_limits") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise QpipeError(f"{where} is not a valid quantization record ({type(e).__name__}: {e})") from e

@@ -1,7 +1,10 @@
 """Datasets by spec: ``digits``, ``npz:FILE``, ``imagenet:DIR``, ``cifar10:DIR``, ``synthetic[:CxHxW[:N]]``.
 
-Every source has three splits: ``train`` (for ``qpipe train``), ``calib`` (calibration images, drawn from the
-training data only) and ``test``. ``batches(split, batch_size, limit)`` yields ``(x float32 NCHW, y int64)``.
+Every source has three splits: ``train`` (for ``qpipe train``), ``calib`` (calibration samples, drawn from the
+training data only) and ``test``. ``batches(split, batch_size, limit)`` yields ``(x, y)``: ``x`` one float32
+tensor (N x C x H x W for images) or, for models with several inputs, a dict of named tensors
+(``qpipe.inputs``; integer arrays such as token ids and masks keep an integer dtype); ``y`` int64 labels, or
+None where the data has none (an embedding model is compared with its FP32 outputs instead).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qpipe import inputs
 from qpipe.errors import QpipeError
+from qpipe.inputs import Batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,29 +27,33 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".ti
 
 
 class TensorSource:
-    """In-memory splits."""
+    """In-memory splits: ``split -> (x, y)`` with ``x`` a tensor or a dict of named tensors and ``y`` labels or
+    None."""
 
-    def __init__(self, name: str, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], num_classes: int):
+    def __init__(self, name: str, splits: dict[str, tuple[Batch, torch.Tensor | None]], num_classes: int | None):
         self.name, self.splits, self.num_classes = name, splits, num_classes
         for split, (x, _) in splits.items():
-            if len(x) == 0:
+            if inputs.batch_len(x) == 0:
                 raise QpipeError(f"data {name}: the {split} split is empty")
-        self.input_shape = tuple(next(iter(splits.values()))[0].shape[1:])
+        first = next(iter(splits.values()))[0]
+        self.input_names = list(first) if inputs.is_named(first) else None
+        self.input_shape = tuple(inputs.items(first)[0][1].shape[1:])
 
     def size(self, split: str) -> int:
-        return len(self.splits[split][0])
+        return inputs.batch_len(self.splits[split][0])
 
     def batches(self, split: str, batch_size: int = 256, limit: int | None = None,
-                shuffle_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                shuffle_seed: int | None = None) -> Iterator[tuple[Batch, torch.Tensor | None]]:
         x, y = self.splits[split]
-        n = len(x) if limit is None else min(limit, len(x))
-        order = torch.arange(len(x))
+        size = inputs.batch_len(x)
+        n = size if limit is None else min(limit, size)
+        order = torch.arange(size)
         if shuffle_seed is not None:
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(shuffle_seed))
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(shuffle_seed))
         order = order[:n]
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            yield x[idx], y[idx]
+            yield inputs.take(x, idx), (y[idx] if y is not None else None)
 
 
 DIGITS_TEST_FRACTION = 0.25   # 450 of 1797 images, stratified, random_state=0
@@ -69,7 +78,9 @@ def digits() -> TensorSource:
 
 
 def npz(path: str) -> TensorSource:
-    """Arrays ``x`` (N,C,H,W or N,H,W) and ``y`` (N,); optional ``x_train/y_train``, ``x_test/y_test``."""
+    """Arrays ``x`` (N,C,H,W, N,H,W or N,F) and ``y`` (N,), optionally ``x_train/y_train``, ``x_test/y_test``; or,
+    for a model with named inputs, arrays named after them (``input_ids``, ``attention_mask``, ...; see
+    ``named_npz``)."""
     p = Path(path)
     if not p.is_file():
         raise QpipeError(f"data file {path} does not exist")
@@ -78,23 +89,19 @@ def npz(path: str) -> TensorSource:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
         raise QpipeError(f"data file {path} is not a readable .npz ({type(e).__name__})") from e
+    if not {"x", "x_train", "x_test"} & set(arrays):
+        return named_npz(path, arrays)
 
     def pair(xk, yk):
         if xk not in arrays or yk not in arrays:
             return None
-        x = arrays[xk].astype(np.float32)
+        x = _float_array(path, xk, arrays[xk])
         if x.ndim == 3:
             x = x[:, None]
-        yraw = arrays[yk].reshape(-1)
-        if yraw.dtype.kind not in "iuf" or (yraw.size and (not np.isfinite(yraw).all() or (yraw < 0).any()
-                                                          or (yraw != np.round(yraw)).any())):
-            raise QpipeError(f"data file {path}: labels {yk} must be non-negative integers")
-        y = yraw.astype(np.int64)
-        if x.ndim != 4 or len(x) != len(y):
-            raise QpipeError(f"data file {path}: {xk} must be N x C x H x W with one label per image, "
-                             f"got {arrays[xk].shape} and {arrays[yk].shape}")
-        if not np.isfinite(x).all():
-            raise QpipeError(f"data file {path}: {xk} has NaN/Inf values")
+        y = _labels(path, yk, arrays[yk])
+        if x.ndim < 2 or len(x) != len(y):
+            raise QpipeError(f"data file {path}: {xk} must be N x C x H x W (or N x features) with one label per "
+                             f"sample, got {arrays[xk].shape} and {arrays[yk].shape}")
         return torch.from_numpy(x), torch.from_numpy(y)
 
     base = pair("x", "y")
@@ -105,6 +112,70 @@ def npz(path: str) -> TensorSource:
     labels = torch.cat([train[1], test[1]])
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     return TensorSource(f"npz:{path}", {"train": train, "calib": train, "test": test}, n_classes)
+
+
+LABEL_NAMES = ("y", "labels")
+SPLIT_SUFFIXES = {"_train": "train", "_test": "test"}
+
+
+def named_npz(path: str, arrays: dict[str, np.ndarray]) -> TensorSource:
+    """A model's named inputs: every array is an input named as the model's argument (``input_ids``,
+    ``attention_mask``, ``pixel_values``, ...), dimension 0 the sample; ``NAME_train`` / ``NAME_test`` hold a
+    split of their own (calibration reads ``train``). Integer and boolean arrays become int64 (never quantized),
+    floats float32. Labels ``y`` / ``labels`` (same suffixes) are optional: without them evaluate compares
+    outputs with the FP32 model."""
+    split_arrays: dict[str, dict[str, np.ndarray]] = {"train": {}, "test": {}}
+    for name, a in arrays.items():
+        stem, split = name, None
+        for suffix, s in SPLIT_SUFFIXES.items():
+            if name.endswith(suffix) and len(name) > len(suffix):
+                stem, split = name[: -len(suffix)], s
+        for s in ((split,) if split else ("train", "test")):
+            if split or stem not in split_arrays[s]:
+                split_arrays[s][stem] = a
+    splits = {}
+    for s, named in split_arrays.items():
+        y_name = next((k for k in LABEL_NAMES if k in named), None)
+        y = torch.from_numpy(_labels(path, y_name, named.pop(y_name))) if y_name else None
+        for k in LABEL_NAMES:
+            named.pop(k, None)
+        if not named:
+            raise QpipeError(f"data file {path} has no input arrays (has {sorted(arrays)})")
+        x = {}
+        for k, a in named.items():
+            if a.ndim == 0:
+                raise QpipeError(f"data file {path}: array {k!r} is a scalar; inputs need a sample axis first")
+            if a.dtype.kind in "biu":
+                x[k] = torch.from_numpy(a.astype(np.int64))
+            elif a.dtype.kind == "f":
+                x[k] = torch.from_numpy(_float_array(path, k, a))
+            else:
+                raise QpipeError(f"data file {path}: array {k!r} has dtype {a.dtype}; inputs are numbers")
+        lengths = {k: len(v) for k, v in x.items()} | ({"labels": len(y)} if y is not None else {})
+        if len(set(lengths.values())) > 1:
+            raise QpipeError(f"data file {path}: the {s} arrays have different sample counts ({lengths})")
+        splits[s] = (x, y)
+    splits["calib"] = splits["train"]
+    labels = [y for _, y in splits.values() if y is not None]
+    n_classes = int(torch.cat(labels).max()) + 1 if labels and sum(len(y) for y in labels) else None
+    return TensorSource(f"npz:{path}", splits, n_classes)
+
+
+def _float_array(path: str, name: str, a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind not in "biuf":
+        raise QpipeError(f"data file {path}: array {name!r} has dtype {a.dtype}; inputs are numbers")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise QpipeError(f"data file {path}: {name} has NaN/Inf values")
+    return a
+
+
+def _labels(path: str, name: str, raw: np.ndarray) -> np.ndarray:
+    raw = raw.reshape(-1)
+    if raw.dtype.kind not in "iuf" or (raw.size and (not np.isfinite(raw).all() or (raw < 0).any()
+                                                     or (raw != np.round(raw)).any())):
+        raise QpipeError(f"data file {path}: labels {name} must be non-negative integers")
+    return raw.astype(np.int64)
 
 
 def synthetic(spec: str, default_shape: tuple[int, ...]) -> TensorSource:
@@ -208,29 +279,60 @@ class ImageFolderSource:
             yield torch.stack([self.load(f) for f, _ in chunk]), torch.tensor([c for _, c in chunk])
 
 
-class IterableSource:
-    """Any iterable of ``(x, y)`` batches (the Python API's ``data``): every split reads the same batches."""
+class IterableSource(TensorSource):
+    """Any iterable of batches (the Python API's ``data``): ``(x, y)`` pairs with ``x`` a tensor or a dict of
+    named tensors, or dicts of named tensors alone (labels, if any, under ``labels``). Every split reads the same
+    samples."""
 
     def __init__(self, batches, num_classes: int | None = None):
-        self.name = f"<{type(batches).__name__}>"
-        self.items = [(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
-                      for x, y in batches]
-        if not self.items or sum(len(x) for x, _ in self.items) == 0:
-            raise QpipeError("data: the iterable of (x, y) batches is empty")
-        self.input_shape = tuple(self.items[0][0].shape[1:])
-        self.num_classes = num_classes or int(max(int(y.max()) for _, y in self.items)) + 1
-
-    def size(self, split: str) -> int:
-        return sum(len(x) for x, _ in self.items)
+        xs, ys = [], []
+        for item in batches:
+            if isinstance(item, dict):
+                item = dict(item)
+                y = item.pop("labels", None)
+                x = item
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                x, y = item
+            else:
+                raise QpipeError(f"data: each batch must be (x, y) or a dict of named inputs, got {type(item).__name__}")
+            xs.append({k: _as_tensor(v, k) for k, v in x.items()} if isinstance(x, dict) else _as_tensor(x, "x"))
+            ys.append(None if y is None else torch.as_tensor(y, dtype=torch.int64).reshape(-1))
+        if not xs or sum(inputs.batch_len(x) for x in xs) == 0:
+            raise QpipeError("data: the iterable of batches is empty")
+        if any(y is None for y in ys) and not all(y is None for y in ys):
+            raise QpipeError("data: some batches have labels and some do not")
+        x = inputs.cat(xs)
+        y = None if ys[0] is None else torch.cat(ys)
+        if y is not None and len(y) != inputs.batch_len(x):
+            raise QpipeError(f"data: {len(y)} labels for {inputs.batch_len(x)} samples")
+        if num_classes is None and y is not None:
+            num_classes = int(y.max()) + 1
+        super().__init__(f"<{type(batches).__name__}>", {"train": (x, y), "calib": (x, y), "test": (x, y)},
+                         num_classes)
+        self.sizes = [inputs.batch_len(b) for b in xs]
 
     def batches(self, split: str, batch_size: int = 0, limit: int | None = None, shuffle_seed: int | None = None):
-        seen = 0
-        for x, y in self.items:
-            if limit is not None and seen >= limit:
+        """The batches as given (``batch_size`` is the iterable's own), up to ``limit`` samples."""
+        if shuffle_seed is not None:
+            yield from super().batches(split, batch_size or max(self.sizes), limit, shuffle_seed)
+            return
+        x, y = self.splits[split]
+        start = 0
+        for size in self.sizes:
+            take = size if limit is None else min(size, limit - start)
+            if take <= 0:
                 return
-            take = len(x) if limit is None else min(len(x), limit - seen)
-            seen += take
-            yield x[:take], y[:take]
+            idx = slice(start, start + take)
+            yield inputs.take(x, idx), (y[idx] if y is not None else None)
+            start += size
+
+
+def _as_tensor(v, name: str) -> torch.Tensor:
+    """Floats as float32; integers and booleans (ids, masks) as int64, never cast to float."""
+    t = torch.as_tensor(v)
+    if t.dtype.is_complex:
+        raise QpipeError(f"data: input {name!r} has dtype {t.dtype}; inputs are real numbers")
+    return t.float() if t.dtype.is_floating_point else t.long()
 
 
 def as_source(data, default_shape: tuple[int, ...] = (1, 8, 8)):

@@ -64,6 +64,7 @@ from qpipe.record import (
     WEIGHT_INT,
     QuantRecord,
     TensorKind,
+    dummy_arrays,
     state_key,
 )
 from qpipe.reference.intops import OUT_BITS, dyadic
@@ -661,7 +662,7 @@ class IntGraph:
         self.env[node.output[0]], self.meta[node.output[0]] = y, Acc(tuple(new.tolist()), axis=1)
 
 
-def value_shapes(graph: onnx.ModelProto, input_shape: tuple[int, ...], functions) -> dict[str, tuple[int, ...]]:
+def value_shapes(graph: onnx.ModelProto, specs, functions) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor of the marked float graph on a batch of 2 (onnxruntime on the graph with its
     marks as identities), for ranks and pooling windows."""
     import onnxruntime as ort
@@ -688,10 +689,10 @@ def value_shapes(graph: onnx.ModelProto, input_shape: tuple[int, ...], functions
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    x = np.zeros((2, *input_shape), dtype=np.float32)
-    outs = sess.run(None, {m.graph.input[0].name: x})
+    feed = dict(zip([i.name for i in sess.get_inputs()], dummy_arrays(specs), strict=True))
+    outs = sess.run(None, feed)
     return {o.name: tuple(np.shape(v)) for o, v in zip(sess.get_outputs(), outs, strict=True)} | \
-        {m.graph.input[0].name: x.shape}
+        {k: v.shape for k, v in feed.items()}
 
 
 def build_int_graph(graph: onnx.ModelProto, record: QuantRecord, state: dict[str, np.ndarray],
@@ -699,5 +700,5 @@ def build_int_graph(graph: onnx.ModelProto, record: QuantRecord, state: dict[str
     """The integer-only model of an artifact (ai.qpipe functions not yet attached)."""
     from . import intops as functions
 
-    shapes = value_shapes(graph, record.input_shape, functions)
+    shapes = value_shapes(graph, record.input_specs(), functions)
     return IntGraph(graph, record, state, shapes, opset).run()

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
 import qpipe
+from qpipe import inputs
 from qpipe.artifact import Artifact, hash_files, staging_dir, write_atomic, write_json
 from qpipe.errors import QpipeError
 from qpipe.onnx_names import TORCHSCRIPT_OPSET as OPSET_GRAPH
 from qpipe.recipe import Recipe, dump_recipe, load_recipe
-from qpipe.record import Encoding, IntGraph, LayerRecord, QuantRecord, TensorKind
+from qpipe.record import Encoding, IntGraph, LayerRecord, QuantRecord, TensorKind, TensorSpec
 
 from .qmodel import (
     ActQuant,
@@ -34,12 +35,48 @@ from .qmodel import (
 )
 
 
-def _output_quantizer(p: Prepared) -> str | None:
+def _output_quantizers(p: Prepared) -> list[str | None]:
+    """For each flat output of the Q-model, the quantizer whose grid it lies on (None: a float output)."""
     out = next(n for n in p.gm.graph.nodes if n.op == "output")
-    arg = out.args[0]
-    if isinstance(arg, fx.Node) and arg.op == "call_module" and isinstance(p.gm.get_submodule(arg.target), ActQuant):
-        return p.gm.get_submodule(arg.target).qname
-    return None
+    found = []
+    for arg in torch.utils._pytree.tree_leaves(out.args[0]):
+        q = None
+        if isinstance(arg, fx.Node) and arg.op == "call_module" and isinstance(p.gm.get_submodule(arg.target), ActQuant):
+            q = p.gm.get_submodule(arg.target).qname
+        found.append(q)
+    return found
+
+
+def io_specs(p: Prepared, example: dict[str, torch.Tensor], named: bool) -> tuple[tuple[TensorSpec, ...],
+                                                                                  tuple[TensorSpec, ...]]:
+    """The Q-model's graph inputs and outputs, by name, with the shapes ``example`` gives and their dynamic axes.
+
+    A model captured by torch.export keeps its argument and output names (``input_ids``, ``last_hidden_state``)
+    and every axis export found symbolic; a one-tensor model keeps the names ``input`` / ``logits`` with a dynamic
+    batch axis."""
+    meta = p.gm.meta
+    exported = "qpipe_outputs" in meta
+    with torch.no_grad(), mode(p.gm, "float"):
+        outs = inputs.outputs(p.gm(**example))
+    if exported:
+        dyn = meta["qpipe_dynamic"]
+        in_names, in_axes = list(example), dyn["inputs"]
+        out_names, out_axes = meta["qpipe_outputs"], dyn["outputs"]
+    else:
+        in_names = list(example) if named else [inputs.SINGLE]
+        in_axes = [{0: "batch"}] * len(in_names)
+        out_names = ["logits"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        out_axes = [{0: "batch"}] * len(outs)
+    quantizers = _output_quantizers(p)
+    ins = tuple(TensorSpec(n, _np_dtype(t), tuple(t.shape), dict(a))
+                for n, t, a in zip(in_names, example.values(), in_axes, strict=True))
+    outs = tuple(TensorSpec(n, _np_dtype(t), tuple(t.shape), dict(a), q)
+                 for n, t, a, q in zip(out_names, outs, out_axes, quantizers, strict=True))
+    return ins, outs
+
+
+def _np_dtype(t: torch.Tensor) -> str:
+    return str(t.detach()[:0].cpu().numpy().dtype)
 
 
 def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float], input_shape,
@@ -67,7 +104,7 @@ def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float]
         if aq.source is None:
             tensors[name] = Encoding(TensorKind.ACTIVATION, aq.spec.bits, aq.spec.signed, aq.spec.symmetric, None,
                                      float(aq.scale), int(aq.zero_point), observer=recipe.activations.observer)
-    return QuantRecord(tuple(input_shape), _output_quantizer(p), tensors, layers)
+    return QuantRecord(tuple(input_shape), _output_quantizers(p)[0], tensors, layers)
 
 
 def _numbers(t: torch.Tensor, kind):
@@ -75,14 +112,16 @@ def _numbers(t: torch.Tensor, kind):
     return tuple(kind(v) for v in t.tolist()) if t.ndim else kind(t.item())
 
 
-def export_graph(p: Prepared, input_shape) -> bytes:
-    """The float graph with Mark nodes, via the TorchScript exporter (it keeps parameter names)."""
+def export_graph(p: Prepared, record: QuantRecord) -> bytes:
+    """The float graph with Mark nodes, via the TorchScript exporter (it keeps parameter names), with the record's
+    input and output names and dynamic axes."""
     buf = io.BytesIO()
-    dummy = torch.zeros((2, *input_shape))
+    ins, outs = record.input_specs(), record.output_specs()
+    dynamic = {t.name: dict(t.dynamic) for t in (*ins, *outs) if t.dynamic}
     with warnings.catch_warnings(), mode(p.gm, "mark"), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(p.gm, (dummy,), buf, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        torch.onnx.export(p.gm, inputs.dummy_inputs(ins), buf, input_names=[t.name for t in ins],
+                          output_names=[t.name for t in outs], dynamic_axes=dynamic,
                           opset_version=OPSET_GRAPH, dynamo=False, do_constant_folding=True)
     return buf.getvalue()
 
@@ -117,9 +156,23 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     source = as_source(data)
     from qpipe import dist
 
+    from .capture import axis_limits, check_fits, example_from
+
     rank, _ = dist.init(device)
     torch.manual_seed(recipe.seed)
-    p = prepare(model, recipe)
+    first = next(iter(source.batches("calib", recipe.calibration.batch_size, recipe.calibration.images)), None)
+    if first is None:
+        raise QpipeError("calibration data is empty")
+    example = example_from(model, first[0])
+    limits = axis_limits(model)
+    check_fits(limits, example, {k: {1: "sequence"} for k, v in example.items() if not v.is_floating_point()})
+    p = prepare(model, recipe, example)
+    try:
+        ins, outs = io_specs(p, example, inputs.is_named(first[0]))
+    except Exception as e:  # the data does not fit the model: say so in one line
+        raise QpipeError(f"the model cannot run on the data ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                         if str(e).strip() else f"the model cannot run on the data ({type(e).__name__})") from e
+    dynamic = {t.name: t.dynamic for t in ins}
     p.gm.to(dev)
 
     def batches():
@@ -127,7 +180,8 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
 
         it = source.batches("calib", recipe.calibration.batch_size, recipe.calibration.images)
         for x, y in tqdm(it, desc="calibrate", unit="batch", disable=None if progress else True, leave=False):
-            yield x.to(dev), y
+            check_fits(limits, x, dynamic)
+            yield inputs.to(x, dev), y
 
     weight_info = quantize_weights(p, recipe)
     adders = None
@@ -151,15 +205,13 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         from .adaround import reconstruct, run_key
 
         xs = [x for x, _ in source.batches("calib", recipe.calibration.batch_size, recipe.calibration.images)]
-        if not xs:
-            raise QpipeError("calibration data is empty")
-        images = torch.cat(xs)
+        images = inputs.cat(xs)
         key = run_key({"recipe": recipe.to_dict(), "model": model_spec, "weights": weights,
-                       "data": data if isinstance(data, str) else None, "n": len(images),
-                       "images": float(images.double().sum())})
+                       "data": data if isinstance(data, str) else None, "n": inputs.batch_len(images),
+                       "images": sum(float(t.double().sum()) for _, t in inputs.items(images))})
         report = reconstruct(p, recipe, images, workdir, key, device=device, progress=progress,
                              cache_mb=recipe.adaround.cache_mb)
-        n = n or len(images)
+        n = n or inputs.batch_len(images)
         weight_info = {name: weight_sqnr(p.gm.get_submodule(name)) for name in weight_info}
     for name, channels in fit_bias_scales(p, recipe).items():   # learned input steps (LSQ) moved s_in
         bias_fit[name] = tuple(sorted({*bias_fit.get(name, ()), *channels}))
@@ -170,7 +222,8 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     p.gm.cpu()
     shape = tuple(source.input_shape)
     record = qparams_record(p, recipe, weight_info, shape, bias_fit).replace(
-        intops=int_ops, adders=adders, adaround=tuple(report) if report is not None else None)
+        intops=int_ops, adders=adders, adaround=tuple(report) if report is not None else None, inputs=ins,
+        outputs=outs, axis_limits=limits)
     write_artifact(out, p, recipe, record, shape, model_spec=model_spec, weights=weights, data=data, images=n,
                    command=command or "qpipe.calibrate()")
     if workdir.exists():
@@ -187,14 +240,14 @@ def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: QuantRe
     """Export the marked float graph of the frozen Q-model ``p`` and write the artifact folder ``out`` (staged,
     renamed). The record says whether the integer-only graph exists: where the PyTorch integer model can be
     built, ``qpipe export --format int`` writes the same computation as ONNX; where not, the reason."""
-    graph = export_graph(p, shape)
+    graph = export_graph(p, record)
     if int_graph_reason is None and not (recipe.quantizes_activations and recipe.quantizes_weights):
         int_graph_reason = "the integer-only graph needs quantized weights and activations"
     if int_graph_reason is None:
         from .intmodel import to_int
 
         try:
-            to_int(p.gm, shape)
+            to_int(p.gm, inputs.dummy_inputs(record.input_specs()))
         except QpipeError as e:  # recorded: qpipe export --format int says why
             int_graph_reason = str(e)
     record = record.replace(int_graph=IntGraph(int_graph_reason is None, int_graph_reason))
@@ -246,7 +299,7 @@ def load_int_model(artifact: Artifact | str | Path, model: nn.Module | None = No
 
     art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
     q = load_quantized_from(copy.deepcopy(model), art) if model is not None else load_quantized(art)
-    return to_int(q, tuple(art.qparams["input_shape"]))
+    return to_int(q, inputs.dummy_inputs(art.record.input_specs()))
 
 
 def load_quantized_from(model: nn.Module, art: Artifact) -> fx.GraphModule:

@@ -99,6 +99,70 @@ def example_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     raise QpipeError(f"{type(model).__name__}: inputs of kind {main!r} are not supported yet (token ids and images are)")
 
 
+INDEX_INPUTS = ("input_ids", "token_type_ids", "position_ids")   # indices into a table: integers only
+
+
+def forward_inputs(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(every input argument name of ``model.forward``, the required ones), in order."""
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in params], [p.name for p in params if p.default is p.empty]
+
+
+def example_from(model: nn.Module, x) -> dict[str, torch.Tensor]:
+    """A data batch as ``model``'s inputs by argument name, checked against ``model.forward``: a single tensor
+    goes to the first argument; named tensors must each name an argument, cover the required ones, and give
+    integers where the model indexes a table. Raises a QpipeError that lists both sides."""
+    from qpipe import inputs
+
+    names, required = forward_inputs(model)
+    if not inputs.is_named(x):
+        if is_transformers(model):
+            return {getattr(model, "main_input_name", names[0]): x}
+        if not names:
+            raise QpipeError(f"{type(model).__name__}.forward takes no tensor argument")
+        return {names[0]: x}
+    given = list(x)
+    wrong = [k for k in given if k not in names]
+    missing = [k for k in required if k not in x]
+    if wrong or missing:
+        what = f"input {wrong[0]!r} is not an argument of" if wrong else f"the required input {missing[0]!r} of"
+        raise QpipeError(f"data: {what} {type(model).__name__} (the model takes {', '.join(names)}; the data has "
+                         f"{', '.join(given)})")
+    for k in given:
+        if k in INDEX_INPUTS and x[k].is_floating_point():
+            raise QpipeError(f"data: input {k!r} holds floats ({x[k].dtype}); it indexes an embedding table, give "
+                             "integers (int64 token ids)")
+    return {k: x[k] for k in names if k in x}   # in the model's argument order
+
+
+def axis_limits(model: nn.Module) -> dict[str, int]:
+    """The largest sequence a model's position table holds (``{"sequence": n}``), empty when it has none."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) if is_transformers(model) else None
+    if not n:
+        return {}
+    for name, m in model.named_modules():   # RoBERTa-style positions start after the padding index
+        if name.endswith("embeddings") and isinstance(getattr(m, "padding_idx", None), int) \
+                and hasattr(m, "position_embeddings"):
+            n -= m.padding_idx + 1
+            break
+    return {"sequence": int(n)}
+
+
+def check_fits(limits: dict[str, int], x, dynamic: dict[str, dict[int, str]], where: str = "data") -> None:
+    """Refuse a batch whose named axes (``dynamic``: input -> {axis: name}) exceed ``limits``."""
+    from qpipe import inputs
+
+    for name, t in inputs.items(x):
+        for axis, axis_name in dynamic.get(name, {}).items():
+            if axis_name in limits and axis < t.ndim and t.shape[axis] > limits[axis_name]:
+                raise QpipeError(f"{where}: input {name!r} has {axis_name} length {t.shape[axis]}; the model's position "
+                                 f"table holds {limits[axis_name]}")
+
+
 def capture(model: nn.Module, exclude=(), example: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
     """The traced, normalised graph of ``model`` (see the module docstring). ``example``: its inputs by name, for
     the torch.export path (a ``transformers`` model gets them from its config when not given)."""

@@ -21,6 +21,9 @@ flat tuple of tensors; ``gm.meta["qpipe_outputs"]`` names them (``last_hidden_st
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import operator
 
@@ -47,9 +50,13 @@ _FUNCS = {
     aten.split.Tensor: torch.split, aten.chunk.default: torch.chunk, aten.unbind.int: torch.unbind,
     aten.max_pool2d.default: F.max_pool2d, aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     aten.avg_pool2d.default: F.avg_pool2d, aten.layer_norm.default: F.layer_norm,
+    # sizes as arguments: torch-level, so the TorchScript exporter keeps a traced (dynamic) size dynamic
+    aten.arange.default: torch.arange, aten.arange.start: torch.arange, aten.arange.start_step: torch.arange,
+    aten.full.default: torch.full, aten.zeros.default: torch.zeros, aten.ones.default: torch.ones,
 }
 _METHODS = {aten.view.default: "view", aten.unsqueeze.default: "unsqueeze", aten.squeeze.dim: "squeeze",
-            aten.expand.default: "expand"}
+            aten.expand.default: "expand", aten.sym_size.int: "size", aten.new_ones.default: "new_ones",
+            aten.new_zeros.default: "new_zeros"}
 _IDENTITY = (aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
              aten.dropout.default)
 _DROP = (aten._assert_tensor_metadata.default,)
@@ -67,17 +74,62 @@ def export_capture(model: nn.Module, example: dict[str, torch.Tensor]) -> fx.Gra
             dims[1] = auto
         dynamic[name] = dims
     try:
-        ep = torch.export.export(model.eval(), (), dict(example), dynamic_shapes=dynamic, strict=False)
+        with _quiet_torch():
+            ep = torch.export.export(model.eval(), (), dict(example), dynamic_shapes=dynamic, strict=False)
     except Exception as e:
         raise QpipeError(f"cannot capture {type(model).__name__} with torch.export either: {_first_line(e)}") from e
     out_spec = ep.call_spec.out_spec
     gm = ep.module()
     names = _output_names(out_spec)
+    axes = _dynamic_axes(gm)
     normalise(gm)
     gm = fx.GraphModule(gm, gm.graph, type(model).__name__)   # without export's input-check hooks
     gm.meta["qpipe_outputs"] = names
     gm.meta["qpipe_inputs"] = list(example)
+    gm.meta["qpipe_dynamic"] = axes
     return gm
+
+
+def _dynamic_axes(gm: fx.GraphModule) -> dict[str, list[dict[int, str]]]:
+    """The symbolic dimensions export found, by name: every input's dimension 0 is ``batch``; the other symbols
+    are ``sequence``, ``sequence_2``, ... in order of first appearance (ids and mask share theirs). Returns
+    ``{"inputs": [axes per placeholder], "outputs": [axes per flat output]}``."""
+    names: dict[str, str] = {}
+
+    def dims(val) -> dict[int, str]:
+        out = {}
+        for i, d in enumerate(getattr(val, "shape", ())):
+            if isinstance(d, torch.SymInt) and not str(d).isdigit():
+                key = str(d)
+                if key not in names:
+                    k = sum(v.startswith("sequence") for v in names.values())
+                    names[key] = "batch" if i == 0 else ("sequence" if k == 0 else f"sequence_{k + 1}")
+                out[i] = names[key]
+        return out
+
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n in places:   # batch symbols first, so an output's dimension 0 is named batch whatever its order
+        for d in getattr(n.meta.get("val"), "shape", ())[:1]:
+            if isinstance(d, torch.SymInt):
+                names.setdefault(str(d), "batch")
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = torch.utils._pytree.tree_leaves(out_node.args[0])
+    return {"inputs": [dims(n.meta.get("val")) for n in places],
+            "outputs": [dims(a.meta.get("val")) if isinstance(a, fx.Node) else {} for a in flat]}
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export logs warnings and whole graphs while it works; the user gets one line from qpipe instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(e: Exception) -> str:

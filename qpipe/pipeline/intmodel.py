@@ -1,7 +1,7 @@
 """The integer-only model: the frozen Q-model rewritten so that every tensor between the input quantizer and
 the output dequantizer is an integer (int64 in PyTorch), with dyadic requantisation between layers.
 
-``to_int(gm, input_shape)`` walks the Q-model's fx graph and replaces
+``to_int(gm, example)`` walks the Q-model's fx graph and replaces
 
 - the input quantizer by ``QuantizeLinear``-exact rounding (half to even) to its grid;
 - Conv / Linear / matmul by exact integer products of ``(x - z_x)(w - z_w)`` plus the int32 bias: an
@@ -390,7 +390,7 @@ def _grid(aq: ActQuant) -> Grid:
 class Rewriter:
     """Writes the integer-only model of a frozen Q-model node by node (``visit``)."""
 
-    def __init__(self, gm: fx.GraphModule, input_shape):
+    def __init__(self, gm: fx.GraphModule, example: tuple[torch.Tensor, ...]):
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.new = fx.Graph()
@@ -399,9 +399,8 @@ class Rewriter:
         self.meta: dict[fx.Node, object] = {}
         self.done: set[fx.Node] = set()     # nodes folded into an earlier replacement
         self.count = 0
-        dummy = torch.zeros((2, *input_shape))
         with mode(gm, "quant"), torch.no_grad():
-            ShapeProp(gm).propagate(dummy)
+            ShapeProp(gm).propagate(*example)
 
     # -- helpers
     def add_module(self, base: str, m: nn.Module) -> str:
@@ -730,10 +729,10 @@ class Rewriter:
         raise QpipeError(f"{node.name} ({op} {target}) has no integer form")
 
 
-def to_int(gm: fx.GraphModule, input_shape) -> fx.GraphModule:
+def to_int(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     """The integer-only model of a frozen Q-model (see the module docstring); float images in, float logits
-    (one final dequantisation) out."""
-    model = Rewriter(gm, input_shape).run()
+    (one final dequantisation) out. ``example``: inputs to propagate shapes with (``qpipe.inputs.dummy_inputs``)."""
+    model = Rewriter(gm, example).run()
     model.graph.lint()
     model.recompile()
     return model.eval()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qpipe import inputs
 from qpipe.errors import QpipeError
 from qpipe.intvalues import RELU
 from qpipe.kinds import QUANTIZED_KINDS, REGISTRY, Kind, resolve
@@ -997,8 +998,8 @@ def calibrate_activations(p: Prepared, recipe: Recipe, batches) -> int:
     with observing(p.gm) as state:
         for i, (x, _) in dist.shard(batches):  # under torchrun: this rank's batches, by global index
             state.batch = i
-            p.gm(x)
-            n += len(x)
+            inputs.call(p.gm, x)
+            n += inputs.batch_len(x)
     if dist.active():  # every rank gets every batch's records, so all conclude to the single-process scales
         own = {name: p.gm.get_submodule(name).observer.records for name in p.act
                if p.gm.get_submodule(name).source is None}

@@ -279,15 +279,30 @@ def test_npz_object_array_is_not_unpickled(tmp_path):
         load_data(f"npz:{tmp_path / 'd.npz'}")
 
 
-@pytest.mark.parametrize("arrays", [
-    pytest.param({"images": np.zeros((2, 8, 8)), "labels": np.zeros(2)}, id="other_names"),
-    pytest.param({"x": np.zeros((2, 8, 8))}, id="x_without_y"),
-    pytest.param({"y": np.zeros(2)}, id="y_without_x"),
+@pytest.mark.parametrize("arrays,message", [
+    pytest.param({"x": np.zeros((2, 8, 8))}, "needs arrays 'x' and 'y'", id="x_without_y"),
+    pytest.param({"y": np.zeros(2)}, "has no input arrays", id="y_without_x"),
+    pytest.param({"input_ids": np.zeros((3, 4), np.int64), "attention_mask": np.ones((2, 4), np.int64)},
+                 "different sample counts", id="ragged_named"),
+    pytest.param({"input_ids": np.array(["a", "b"])}, "dtype", id="strings"),
 ])
-def test_npz_missing_arrays_raise(tmp_path, arrays):
+def test_npz_bad_arrays_raise(tmp_path, arrays, message):
     np.savez(tmp_path / "d.npz", **arrays)
-    with pytest.raises(QpipeError, match="needs arrays 'x' and 'y'"):
+    with pytest.raises(QpipeError, match=message):
         load_data(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_npz_named_arrays_keep_integer_inputs_and_split_by_suffix(tmp_path):
+    ids = np.arange(24).reshape(6, 4)
+    np.savez(tmp_path / "d.npz", input_ids_train=ids, attention_mask=np.ones((6, 4), np.bool_),
+             input_ids_test=ids[:6] + 100)
+    src = load_data(f"npz:{tmp_path / 'd.npz'}")
+    assert src.input_names == ["input_ids", "attention_mask"] and src.num_classes is None
+    (x, y), = list(src.batches("calib", 8))
+    assert y is None and x["input_ids"].dtype == torch.int64 and x["attention_mask"].dtype == torch.int64
+    assert x["input_ids"].tolist() == ids.tolist()
+    (xt, _), = list(src.batches("test", 8))
+    assert int(xt["input_ids"][0, 0]) == 100
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "neg_inf"])
@@ -316,13 +331,18 @@ def test_npz_empty_arrays_raise(tmp_path, x, y):
 
 @pytest.mark.parametrize("x,y", [
     pytest.param(np.zeros((3, 1, 4, 4)), np.zeros(2), id="fewer_labels"),
-    pytest.param(np.zeros((3, 4)), np.zeros(3), id="2d_x"),
-    pytest.param(np.zeros((3, 1, 1, 4, 4)), np.zeros(3), id="5d_x"),
+    pytest.param(np.zeros(3), np.zeros(3), id="1d_x"),
 ])
 def test_npz_bad_shapes_raise(tmp_path, x, y):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     with pytest.raises(QpipeError, match="N x C x H x W"):
         load_data(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_npz_feature_vectors_load_as_they_are(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.ones((5, 7)), y=np.arange(5))
+    src = load_data(f"npz:{tmp_path / 'd.npz'}")
+    assert src.input_shape == (7,) and src.input_names is None
 
 
 @pytest.mark.parametrize("y", [[0.0, np.nan, 1.0], [0, -1, 1]], ids=["nan_label", "negative_label"])

@@ -1,0 +1,96 @@
+"""A model's inputs as a batch: one tensor (``x``, N x ...) or several by name (``{"input_ids": ..., ...}``).
+
+Every stage moves batches through these few functions, so a model with one image input and a transformer with
+token ids and an attention mask go through the same code. Integer tensors (ids, masks, positions) keep their
+dtype end to end: nothing here casts them. Imports nothing from ``qpipe.pipeline``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from qpipe.errors import QpipeError
+
+Batch = torch.Tensor | dict[str, torch.Tensor]
+
+SINGLE = "input"   # the ONNX name of a one-tensor model's input (and the key such a batch gets as a dict)
+
+
+def is_named(x: Batch) -> bool:
+    return isinstance(x, Mapping)
+
+
+def items(x: Batch) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs; a single tensor is named ``input``."""
+    return list(x.items()) if is_named(x) else [(SINGLE, x)]
+
+
+def batch_len(x: Batch) -> int:
+    """Samples in the batch (dimension 0 of its first tensor)."""
+    return len(next(iter(x.values()))) if is_named(x) else len(x)
+
+
+def to(x: Batch, device) -> Batch:
+    return {k: v.to(device) for k, v in x.items()} if is_named(x) else x.to(device)
+
+
+def take(x: Batch, index) -> Batch:
+    """Rows ``index`` (a slice or an index tensor) of every tensor."""
+    return {k: v[index] for k, v in x.items()} if is_named(x) else x[index]
+
+
+def cat(xs: Sequence[Batch]) -> Batch:
+    """Batches joined along dimension 0 (all of one kind; named batches need the same names and trailing shapes)."""
+    if not xs:
+        raise QpipeError("calibration data is empty")
+    if not is_named(xs[0]):
+        return torch.cat(list(xs))
+    names = list(xs[0])
+    for b in xs[1:]:
+        if list(b) != names:
+            raise QpipeError(f"data: batches name different inputs ({names} and {list(b)})")
+    try:
+        return {k: torch.cat([b[k] for b in xs]) for k in names}
+    except RuntimeError as e:
+        raise QpipeError(f"data: batches of different shapes cannot be joined ({str(e).splitlines()[0][:160]}); "
+                         "pad every batch to one sequence length") from e
+
+
+def call(model, x: Batch):
+    """``model(x)``, or ``model(**x)`` for named inputs."""
+    return model(**x) if is_named(x) else model(x)
+
+
+def feed(x: Batch, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The onnxruntime feed for graph inputs ``names``: a single tensor goes to the one input whatever its name;
+    named tensors go by name (each must be there)."""
+    if not is_named(x):
+        if len(names) != 1:
+            raise QpipeError(f"the model takes {len(names)} inputs ({', '.join(names)}); the data gives one tensor")
+        return {names[0]: x.detach().cpu().numpy()}
+    missing = [n for n in names if n not in x]
+    if missing:
+        raise QpipeError(f"the model's input {missing[0]!r} is not in the data (the model takes {', '.join(names)}; "
+                         f"the data has {', '.join(x)})")
+    return {n: x[n].detach().cpu().numpy() for n in names}
+
+
+def outputs(y) -> list[torch.Tensor]:
+    """A model's output as a flat list of tensors (a tensor, a tuple / list, or a dict / ``ModelOutput``)."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, Mapping):
+        return [v for v in y.values() if isinstance(v, torch.Tensor)]
+    if isinstance(y, (tuple, list)):
+        return [t for v in y for t in outputs(v)]
+    raise QpipeError(f"the model returned {type(y).__name__}; qpipe needs tensors (a tensor, a tuple or a dict)")
+
+
+def dummy_inputs(specs, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """``record.dummy_arrays`` as tensors (tracing, shape propagation)."""
+    from qpipe.record import dummy_arrays
+
+    return tuple(torch.from_numpy(a) for a in dummy_arrays(specs, batch))
