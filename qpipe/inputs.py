@@ -71,6 +71,8 @@ def feed(x: Batch, names: Sequence[str]) -> dict[str, np.ndarray]:
         if len(names) != 1:
             raise QpipeError(f"the model takes {len(names)} inputs ({', '.join(names)}); the data gives one tensor")
         return {names[0]: x.detach().cpu().numpy()}
+    if len(names) == 1 and len(x) == 1:   # one input: the data's name for it does not matter
+        return {names[0]: next(iter(x.values())).detach().cpu().numpy()}
     missing = [n for n in names if n not in x]
     if missing:
         raise QpipeError(f"the model's input {missing[0]!r} is not in the data (the model takes {', '.join(names)}; "

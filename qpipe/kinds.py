@@ -25,6 +25,7 @@ class Kind(str, enum.Enum):
 
     INPUT = "input"            # a graph input
     LAYER = "layer"            # Conv2d / Linear: integer weights, int32 bias
+    EMBEDDING = "embedding"    # nn.Embedding: a table of integer rows (per-row scale), read by integer ids
     ADDER = "adder"            # AdderNet layer (AdderQuant: grouped integer codes)
     MATMUL = "matmul"          # a product of two activations (attention)
     SOFTMAX = "softmax"
@@ -77,6 +78,10 @@ REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     Kind.INPUT: KindSpec("input", True, None, _I + "visit_input", ACTIVATION_QDQ, _N + "visit_quantizer"),
     Kind.LAYER: KindSpec("linear", True, _P + "to_q_layer", _I + "visit_layer", _X + "weight_nodes",
                          _N + "visit_layer", ("Conv", "Gemm")),
+    # its weight marks are exported by the layers' weight emitter (DequantizeLinear per row, then the Gather); in
+    # the integer graph the table is requantized to the output grid once, at export, and gathered
+    Kind.EMBEDDING: KindSpec("embedding", True, _P + "to_q_embedding", _I + "visit_embedding", _X + "weight_nodes",
+                             _N + "visit_embedding"),
     Kind.ADDER: KindSpec("adder", True, _P + "to_q_adder", _I + "visit_adder", _X + "adder_nodes",
                          _N + "visit_adder", ("Adder", "Adder2d")),
     Kind.MATMUL: KindSpec("matmul", True, None, _I + "visit_matmul", ACTIVATION_QDQ, _N + "visit_matmul",
@@ -92,9 +97,12 @@ REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     Kind.POOL: KindSpec("pool", True, None, _I + "visit_pool", ACTIVATION_QDQ, _N + "visit_pool",
                         ("GlobalAveragePool", "ReduceMean", "AveragePool")),
     Kind.EXCLUDED: KindSpec("float (excluded)", False, None, None, ACTIVATION_QDQ, None),
-    # no integer form yet (the integer-only graph says so); their QDQ form is DQ -> op -> Q, which onnxruntime fuses
-    # into QLinearSigmoid / QLinearLeakyRelu / QLinearMul where it has such a kernel
-    Kind.ACTIVATION: KindSpec("activation", True, None, None, ACTIVATION_QDQ, None),
+    # QDQ: DQ -> op -> Q, which onnxruntime fuses into QLinearSigmoid / QLinearLeakyRelu where it has such a kernel;
+    # integer graph: a lookup table over the input's codes (functions of one ONNX op; SiLU and PReLU have none)
+    Kind.ACTIVATION: KindSpec("activation", True, None, _I + "visit_activation", ACTIVATION_QDQ,
+                              _N + "visit_activation", ("Tanh", "Sigmoid", "HardSwish", "HardSigmoid", "Elu",
+                                                        "LeakyRelu")),
+    # no integer form yet (the integer-only graph says so)
     Kind.MUL: KindSpec("mul", True, None, None, ACTIVATION_QDQ, None),
     Kind.RELU: KindSpec(int_module=_I + "visit_relu", int_emitter=_N + "visit_relu", onnx_ops=("Relu", "Clip")),
     Kind.BN: KindSpec(int_module=_I + "visit_bn", int_emitter=_N + "visit_bn", onnx_ops=("BatchNormalization",)),

@@ -31,6 +31,8 @@ class Weights:
     first_bits: int | None = None     # override for the first conv/linear (None: same as bits)
     last_bits: int | None = None      # override for the last conv/linear
     only_first: bool = False          # quantize only the first layer (AdaRound Table 1 study)
+    embedding_bits: int | None = None  # nn.Embedding tables, per row, symmetric (2..8 or 32 = float); None: 8 where
+    #                                    weights are quantized, else float
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,7 @@ def validate(r: Recipe) -> Recipe:
     _check_bits("weights.bits", r.weights.bits)
     _check_bits("weights.first_bits", r.weights.first_bits)
     _check_bits("weights.last_bits", r.weights.last_bits)
+    _check_bits("weights.embedding_bits", r.weights.embedding_bits)
     _check_bits("activations.bits", r.activations.bits)
     rb = r.activations.residual_bits
     if rb is not None and not 2 <= rb <= 16:

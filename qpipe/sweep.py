@@ -179,9 +179,10 @@ def run_cell(grid: Grid, cell: dict, folder: Path) -> dict:
                   formats=(fmt,), backends=("ort",), int_graph=False, latency=False, check=False, progress=False)
         m = res.metrics[-1]
         par = m.get("parity") or {}
-        rec.update(top1=m["accuracy"]["top1"], top5=m["accuracy"]["top5"], n=m["accuracy"]["n"],
-                   agreement=par.get("top1_agreement"), max_diff_steps=par.get("max_abs_diff_steps"),
-                   model_file=m["model_file"])
+        acc, fid = m.get("accuracy") or {}, m.get("fidelity") or {}
+        rec.update(top1=acc.get("top1"), top5=acc.get("top5"), n=acc.get("n", fid.get("n")),
+                   cosine=fid.get("cosine_mean"), agreement=par.get("top1_agreement"),
+                   max_diff_steps=par.get("max_abs_diff_steps"), model_file=m["model_file"])
     except Exception as e:  # one cell's failure is its result; the sweep goes on
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         rec.update(status="failed", error=f"{type(e).__name__}: {msg}" if not isinstance(e, QpipeError) else msg)

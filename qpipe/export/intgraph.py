@@ -67,7 +67,7 @@ from qpipe.record import (
     dummy_arrays,
     state_key,
 )
-from qpipe.reference.intops import OUT_BITS, dyadic
+from qpipe.reference.intops import OUT_BITS, activation_table, dyadic, embedding_table
 
 # ---------------------------------------------------------------- what a value is
 
@@ -89,6 +89,8 @@ class Weight:
     transposed: bool = False
 
 
+_ONNX_TABLES = {"Tanh": "tanh", "Sigmoid": "sigmoid", "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid",
+                "Elu": "elu", "LeakyRelu": "leaky_relu"}
 FLOAT = "float"    # the float graph input
 OTHER = "other"    # shapes, indices, masks: used as they are
 SHAPES = {"Shape", "Size"}      # their outputs are shapes whatever their input is
@@ -230,8 +232,9 @@ class IntGraph:
 
     # -- the walk
     def run(self) -> onnx.ModelProto:
-        inp = self.src.input[0].name
-        self.env[inp], self.meta[inp] = inp, FLOAT
+        for inp in self.src.input:   # float inputs are quantized; integer ones (ids, masks) are used as they are
+            floating = inp.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+            self.env[inp.name], self.meta[inp.name] = inp.name, FLOAT if floating else OTHER
         for name, value in self.inits.items():
             if np.issubdtype(value.dtype, np.floating):
                 self.meta[name] = Const(lambda grid, v=value, n=name: self.const(self.integerise(v, grid),
@@ -249,7 +252,8 @@ class IntGraph:
             x32 = self.node("Cast", [self.env[out.name]], "to_int32", to=TensorProto.INT32)
             self.nodes.append(helper.make_node(
                 "DequantizeLinear", [x32, self.const(np.float32(meta.scale), np.float32),
-                                     self.const(meta.zero_point, np.int32)], [out.name], name="dequantize"))
+                                     self.const(meta.zero_point, np.int32)], [out.name],
+                name="dequantize" if len(self.src.output) == 1 else f"dequantize_{out.name}"))
             outputs.append(out)
         graph = helper.make_graph(self.nodes, "qpipe-int", list(self.src.input), outputs,
                                   list(self.new_inits.values()))
@@ -312,6 +316,9 @@ class IntGraph:
             return
         x = node.input[0]
         xm = self.meta.get(x)
+        if isinstance(xm, Weight) and node.op_type == "Gather":
+            self.visit_embedding(node)
+            return
         if isinstance(xm, Weight) and node.op_type == "Transpose":
             self.meta[node.output[0]] = dataclasses.replace(xm, transposed=not xm.transposed)
             return
@@ -360,6 +367,44 @@ class IntGraph:
         else:
             raise QpipeError(f"{name}: cannot quantize a {type(xm).__name__} value in the integer graph")
         self.env[y], self.meta[y] = out, gr
+
+    def visit_activation(self, node: onnx.NodeProto) -> None:
+        """Tanh / Sigmoid / HardSwish / HardSigmoid / Elu / LeakyRelu on a quantized input (``Kind.ACTIVATION``): a
+        Gather from the table over the input's codes (``reference.intops.activation_table``); the quantizer after
+        it is folded in."""
+        x = node.input[0]
+        xm = self.meta.get(x)
+        fn, alpha = _ONNX_TABLES[node.op_type], 0.0
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "HardSigmoid" and (abs(attrs.get("alpha", 0.2) - 1 / 6) > 1e-6 or attrs.get("beta", 0.5) != 0.5):
+            raise QpipeError(f"{node.name}: HardSigmoid other than PyTorch's (x / 6 + 1/2) has no integer form")
+        if fn in ("elu", "leaky_relu"):
+            alpha = _decimal(attrs.get("alpha", 1.0 if fn == "elu" else 0.01))
+        if not isinstance(xm, Grid):
+            raise QpipeError(f"{node.name}: the integer-only graph needs a quantized input to {node.op_type}")
+        _, gr, bounds, chain = self.quantizer_after(node.output[0])
+        lo, hi = clip_range(gr, bounds)
+        table = activation_table(fn, alpha, xm.scale, xm.zero_point, xm.qmin, xm.qmax, gr.scale, gr.zero_point, lo, hi)
+        idx = self.node("Sub", [self.env[x], self.const(xm.qmin)], "lut_index") if xm.qmin else self.env[x]
+        y = self.node("Gather", [self.const(table, base=f"{node.op_type}_table"), idx], "lut")
+        self.env[node.output[0]], self.meta[node.output[0]] = y, gr
+        self.fold(chain, y, gr)
+
+    def visit_embedding(self, node: onnx.NodeProto) -> None:
+        """Gather from a marked table (``Kind.EMBEDDING``): the table requantised once to the grid of the quantizer
+        after it (``reference.intops.embedding_table``), gathered; that quantizer is folded in."""
+        weight = self.meta[node.input[0]]
+        layer = weight.tensor.removesuffix(".weight")
+        rec, w = self.record.tensors.get(weight.tensor), self.state.get(state_key(layer, WEIGHT_INT))
+        if rec is None or w is None:
+            raise QpipeError(f"{layer}: quantized.safetensors has no integer table")
+        _, gr, bounds, chain = self.quantizer_after(node.output[0])
+        lo, hi = clip_range(gr, bounds)
+        table = embedding_table(w, np.asarray(rec.scale, np.float64), gr.scale, gr.zero_point, lo, hi)
+        y = self.node("Gather", [self.const(table, base=f"{layer}_table"), self.tensor(node.input[1])], "embedding",
+                      **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        self.env[node.output[0]], self.meta[node.output[0]] = y, gr
+        self.fold(chain, y, gr)
 
     def visit_layer(self, node: onnx.NodeProto) -> None:
         """Conv2d (ConvInteger) or Linear (Gemm: MatMulInteger) on its integer weights (``Kind.LAYER``)."""

@@ -140,8 +140,10 @@ def resolve_weight_layout(weight_layout: str) -> str:
 def weight_container(q: np.ndarray, bits: int, users: list[str], fused_input: bool, layout: str, opset: int,
                      weight_layout: str = "portable", int4: bool = True) -> str:
     fits4 = q.size == 0 or (int(q.min()) >= -8 and int(q.max()) <= 7)  # APoT b-bit codes reach +-D (D up to 100)
-    if int4 and opset >= 21 and bits <= 4 and fits4 and users and all(u == "Conv" for u in users):
-        return "int4"  # Conv only: onnxruntime rewrites INT4 DequantizeLinear->MatMul into approximate MatMulNBits
+    if int4 and opset >= 21 and bits <= 4 and fits4 and users and all(u in ("Conv", "Gather") for u in users):
+        # Conv and embedding tables (Gather) only: onnxruntime rewrites INT4 DequantizeLinear->MatMul into
+        # approximate MatMulNBits
+        return "int4"
     if (weight_layout == "portable" and layout == "u8" and fused_input
             and np.abs(q.astype(np.int32)).max(initial=0) > U8S8_SAFE_WEIGHT):
         return "uint8"
@@ -152,7 +154,15 @@ def wide_int8_weights(model: onnx.ModelProto) -> list[str]:
     """int8 weight initializers of a QDQ file with a value beyond +-64: the ones a saturating u8 x s8 kernel
     (x86 without VNNI) can get wrong when they meet a uint8 activation."""
     out = []
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+              and consumers.get(n.output[0]) and all(u == "Gather" for u in consumers[n.output[0]])}
     for t in model.graph.initializer:
+        if t.name in tables:   # an embedding table: gathered and dequantized, never read by an integer kernel
+            continue
         if t.data_type == TensorProto.INT8 and t.name.endswith(".weight_quantized"):
             a = numpy_helper.to_array(t)
             if a.size and np.abs(a.astype(np.int16)).max() > U8S8_SAFE_WEIGHT:

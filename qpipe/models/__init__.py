@@ -70,10 +70,48 @@ def _load_callable(spec: str) -> Callable[[], nn.Module]:
     return fn
 
 
+HF_PREFIX = "hf:"
+
+
+def hf_model(folder: str) -> nn.Module:
+    """A Hugging Face ``transformers`` model from a local folder (``config.json`` and its weights, as
+    ``save_pretrained`` writes them), as the class its config names (``architectures``), else ``AutoModel``.
+    Weights load through transformers: safetensors, or ``torch.load(weights_only=True)``."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise QpipeError(f"model hf:{folder}: {path / 'config.json'} does not exist (give a folder written by "
+                         "save_pretrained)")
+    try:
+        import transformers
+    except ImportError as e:
+        raise QpipeError("hf: models need the transformers package: pip install 'qpipe[hf]'") from e
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(path))
+        arch = next((a for a in (getattr(cfg, "architectures", None) or []) if hasattr(transformers, a)), None)
+        cls = getattr(transformers, arch) if arch else transformers.AutoModel
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()   # qpipe shows its own progress
+        try:
+            model = cls.from_pretrained(str(path))
+        finally:
+            transformers.logging.set_verbosity(level)
+            transformers.logging.enable_progress_bar()
+    except QpipeError:
+        raise
+    except Exception as e:  # a broken folder: say which, in one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise QpipeError(f"model hf:{folder} could not be loaded ({type(e).__name__}: {first})") from e
+    return model.eval()
+
+
 def build_model(spec: str) -> nn.Module:
-    """An untrained model from a registry name or a ``module:callable`` spec."""
+    """An untrained model from a registry name or a ``module:callable`` spec (``hf:DIR``: a Hugging Face model
+    folder, with its weights)."""
     if spec in REGISTRY:
         return REGISTRY[spec].build()
+    if spec.startswith(HF_PREFIX):
+        return hf_model(spec[len(HF_PREFIX):])
     fn = _load_callable(spec)
     try:
         model = fn()
@@ -133,6 +171,8 @@ def load_weights(model: nn.Module, path: str | Path, name: str | None = None) ->
 
 def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     """Build ``spec`` and load ``weights`` (or the registry's shipped checkpoint); eval mode."""
+    if spec.startswith(HF_PREFIX) and weights is not None:
+        raise QpipeError(f"model {spec}: its weights come from the folder; leave --weights out")
     model = build_model(spec)
     if weights is None and spec in REGISTRY and REGISTRY[spec].checkpoint:
         ckpt = ROOT / REGISTRY[spec].checkpoint

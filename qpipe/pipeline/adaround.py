@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from qpipe.artifact import write_atomic, write_json
+from qpipe.errors import QpipeError
+from qpipe.inputs import Batch, batch_len, is_named
 from qpipe.kinds import Kind
 
 from .qmodel import ActQuant, Prepared, QConv2d, QLinear, kind_of, mode
@@ -260,16 +262,19 @@ class Stream:
     each from the images costs a pass per unit. A kept quant value never goes stale: units are learned in graph
     order and everything a unit's input depends on belongs to units before it."""
 
-    def __init__(self, gm: fx.GraphModule, images: torch.Tensor, cache_mode: str, batch: int, budget: int,
+    def __init__(self, gm: fx.GraphModule, images: Batch, cache_mode: str, batch: int, budget: int,
                  workdir: Path, device, tag: str):
         self.gm, self.mode, self.batch, self.budget = gm, cache_mode, batch, budget
         self.workdir, self.device, self.tag = workdir, device, tag
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self.n = len(images)
-        inp = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        self.kept: dict[fx.Node, Cache] = {inp: Cache.wrap(images)}
-        self.inp = inp
+        self.n = batch_len(images)
+        self.kept: dict[fx.Node, Cache] = {ph: Cache.wrap(x) for ph, x in graph_inputs(gm, images).items()}
+        self.inputs = set(self.kept)   # the calibration inputs (images; token ids and masks): always kept
         self.files = 0
+
+    def first_rows(self) -> tuple[torch.Tensor, ...]:
+        """One sample of every graph input, in placeholder order (for shape propagation)."""
+        return tuple(self.kept[ph].rows(0, 1).to(self.device) for ph in sorted(self.inputs, key=self.order.get))
 
     def _slice(self, target: fx.Node) -> tuple[list[fx.Node], list[fx.Node], fx.GraphModule]:
         """(kept values read, values computed: the target and those a node outside the slice reads too, e.g.
@@ -322,7 +327,7 @@ class Stream:
         """Drop kept values that no node after ``done`` reads (the images stay)."""
         last = self.order[done]
         for n in list(self.kept):
-            if n is not self.inp and n is not done and all(self.order[u] <= last for u in n.users):
+            if n not in self.inputs and n is not done and all(self.order[u] <= last for u in n.users):
                 self.kept.pop(n).close()
 
     def close(self) -> None:
@@ -492,7 +497,7 @@ def run_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: str, device="cpu",
+def reconstruct(p: Prepared, recipe, images: Batch, workdir: Path, key: str, device="cpu",
                 progress: bool = True, cache_mb: int = 2048) -> list[dict]:
     """Learn the rounding of every quantized layer, unit by unit; returns the per-unit report.
 
@@ -522,7 +527,18 @@ def reconstruct(p: Prepared, recipe, images: torch.Tensor, workdir: Path, key: s
     return report
 
 
-def unit_costs(gm: fx.GraphModule, units: list[Unit], x: torch.Tensor) -> list[float]:
+def graph_inputs(gm: fx.GraphModule, images: Batch) -> dict[fx.Node, torch.Tensor]:
+    """The calibration batch by graph placeholder: a single tensor is the one input; named tensors go by name."""
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not is_named(images):
+        return {places[0]: images}
+    missing = [ph.target for ph in places if ph.target not in images]
+    if missing:
+        raise QpipeError(f"adaround: the model's input {missing[0]!r} is not in the calibration data")
+    return {ph: images[ph.target] for ph in places}
+
+
+def unit_costs(gm: fx.GraphModule, units: list[Unit], x: tuple[torch.Tensor, ...]) -> list[float]:
     """The relative cost of each unit's learning steps, for the time-left estimate: the values its steps read and
     write per image (input, output and every node in between). On a CNN at 224x224 the first units cost ten times
     the last, so a count of units left would misjudge the rest by as much. Equal costs where shapes are unknown."""
@@ -530,7 +546,7 @@ def unit_costs(gm: fx.GraphModule, units: list[Unit], x: torch.Tensor) -> list[f
 
     try:
         with mode(gm, "float"), torch.no_grad():
-            ShapeProp(gm).propagate(x)
+            ShapeProp(gm).propagate(*x)
     except Exception:
         return [1.0] * len(units)
 
@@ -546,7 +562,7 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
     from tqdm import tqdm
 
     a, gm, report = recipe.adaround, p.gm, []
-    costs = unit_costs(gm, units, qstream.kept[qstream.inp].rows(0, 1).to(device))
+    costs = unit_costs(gm, units, qstream.first_rows())
     done_cost = 0.0
     for k, unit in enumerate(units):
         done = workdir / f"unit-{k:03d}.safetensors"

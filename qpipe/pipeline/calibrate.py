@@ -25,6 +25,7 @@ from .qmodel import (
     ActQuant,
     Prepared,
     calibrate_activations,
+    embedding_bits,
     fit_bias_scales,
     freeze_int_ops,
     mode,
@@ -99,6 +100,12 @@ def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float]
         layers[name] = LayerRecord("Conv" if m.weight.ndim == 4 else "Gemm", p.layer_input[name],
                                    weight_sqnr_db.get(name) if m.weight_int is not None else None,
                                    (bias_fit or {}).get(name, ()))
+    for name in p.embeddings:
+        m = p.gm.get_submodule(name)
+        tensors[f"{name}.weight"] = Encoding(
+            TensorKind.WEIGHT, int(embedding_bits(recipe)), signed=True, symmetric=True, axis=0,
+            scale=_numbers(m.weight_scale, float), zero_point=_numbers(m.weight_zero_point, int), rounding="nearest",
+            observer="absmax", shape=tuple(m.weight.shape))
     for name in p.act:
         aq = p.gm.get_submodule(name)
         if aq.source is None:
@@ -269,7 +276,9 @@ def write_artifact(out: str | Path, p: Prepared, recipe: Recipe, record: QuantRe
             if info and info.checkpoint and (ROOT / info.checkpoint).is_file():
                 weights_path = str(ROOT / info.checkpoint)
         spec = model_spec
-        if isinstance(spec, str) and ".py:" in spec:
+        if isinstance(spec, str) and spec.startswith("hf:"):   # the folder, wherever qpipe runs from later
+            spec = f"hf:{Path(spec[3:]).resolve()}"
+        elif isinstance(spec, str) and ".py:" in spec:
             f, _, c = spec.rpartition(":")
             spec = f"{Path(f).resolve()}:{c}"
         manifest = {

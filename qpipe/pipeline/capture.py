@@ -119,11 +119,9 @@ def example_from(model: nn.Module, x) -> dict[str, torch.Tensor]:
 
     names, required = forward_inputs(model)
     if not inputs.is_named(x):
-        if is_transformers(model):
-            return {getattr(model, "main_input_name", names[0]): x}
         if not names:
             raise QpipeError(f"{type(model).__name__}.forward takes no tensor argument")
-        return {names[0]: x}
+        x = {getattr(model, "main_input_name", names[0]) if is_transformers(model) else names[0]: x}
     given = list(x)
     wrong = [k for k in given if k not in names]
     missing = [k for k in required if k not in x]

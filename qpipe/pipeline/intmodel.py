@@ -36,7 +36,7 @@ from qpipe.intvalues import Acc, Grid, broadcast_shape, clip_range, merge_bounds
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
 from qpipe.onnx_names import INT_GELU, INT_SOFTMAX
-from qpipe.reference.intops import OUT_BITS, dyadic
+from qpipe.reference.intops import OUT_BITS, activation_table, dyadic, embedding_table
 
 from . import intops
 from .qmodel import (
@@ -387,6 +387,56 @@ def _grid(aq: ActQuant) -> Grid:
     return Grid(float(aq.scale), int(aq.zero_point), aq.spec.qmin, aq.spec.qmax)
 
 
+class IntEmbedding(nn.Module):
+    """Rows of an integer table (int64 [V, D], already on the output grid) by integer ids."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
+
+
+class IntLookup(nn.Module):
+    """``table[x - qmin]``: an elementwise function of a b-bit integer input as a table (int64)."""
+
+    def __init__(self, table: torch.Tensor, qmin: int):
+        super().__init__()
+        self.register_buffer("table", table)
+        self.qmin = qmin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x - self.qmin]
+
+
+_TABLE_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+                  nn.ELU: "elu", nn.LeakyReLU: "leaky_relu"}
+_TABLE_FUNCS = {torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+                F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.elu: "elu", F.leaky_relu: "leaky_relu",
+                "tanh": "tanh", "sigmoid": "sigmoid"}
+_TABLE_ALPHA = {"elu": ("alpha", 1.0), "leaky_relu": ("negative_slope", 0.01)}
+
+
+def table_function(node: fx.Node, modules) -> tuple[str, float]:
+    """(``reference.intops.TABLE_FUNCTIONS`` name, its constant) of an activation node; raises where none fits."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        fn = next((v for cls, v in _TABLE_MODULES.items() if type(m) is cls), None)
+        if fn is None:
+            raise QpipeError(f"{node.target} ({type(m).__name__}) has no integer form yet")
+        key = _TABLE_ALPHA.get(fn)
+        return fn, float(getattr(m, key[0])) if key else 0.0
+    fn = _TABLE_FUNCS.get(node.target)
+    if fn is None:
+        raise QpipeError(f"{node.name} ({getattr(node.target, '__name__', node.target)}) has no integer form yet")
+    key = _TABLE_ALPHA.get(fn)
+    if not key:
+        return fn, 0.0
+    value = node.kwargs.get(key[0], node.args[1] if len(node.args) > 1 else key[1])
+    return fn, float(value)
+
+
 class Rewriter:
     """Writes the integer-only model of a frozen Q-model node by node (``visit``)."""
 
@@ -513,12 +563,16 @@ class Rewriter:
         self.meta[node] = self.const(node)
 
     def visit_output(self, node: fx.Node) -> None:
-        out = node.args[0]
-        meta = self.meta.get(out)
-        if not isinstance(meta, Grid):
-            raise QpipeError("the integer-only graph needs an output quantizer (quantized activations)")
-        y = self.call("dequantize", Dequantize(meta), self.env[out])
-        self.new.output(y)
+        """Each output dequantized once from its grid (a tuple stays a tuple)."""
+        outs = node.args[0]
+        many = isinstance(outs, (tuple, list))
+        ys = []
+        for out in (outs if many else (outs,)):
+            meta = self.meta.get(out)
+            if not isinstance(meta, Grid):
+                raise QpipeError(f"the integer-only graph needs a quantizer on every output ({out} has none)")
+            ys.append(self.call("dequantize", Dequantize(meta), self.env[out]))
+        self.new.output(tuple(ys) if many else ys[0])
 
     def visit_quantizer(self, node: fx.Node) -> None:
         x, xm = self.operand(node)
@@ -558,6 +612,34 @@ class Rewriter:
         else:
             self.env[node] = self.call(target, IntLinear(m, xm), self.env[x])
             self.meta[node] = Acc(acc_scale if len(acc_scale) > 1 else acc_scale[0], axis=-1)
+
+    def visit_embedding(self, node: fx.Node) -> None:
+        """An embedding (``Kind.EMBEDDING``): a Gather from its table requantised to the quantizer after it once
+        (``reference.intops.embedding_table``), which that quantizer then leaves as it is."""
+        ids = node.args[0]
+        m = self.modules[node.target]
+        qnode, aq, bounds = self.aq_after(node)
+        gr = _grid(aq)
+        lo, hi = clip_range(gr, bounds)
+        table = embedding_table(m.weight_int.numpy(), m.weight_scale.double().numpy(), gr.scale, gr.zero_point, lo, hi)
+        y = self.call(node.target, IntEmbedding(torch.from_numpy(table)), self.env[ids])
+        self.env[node], self.meta[node] = y, gr
+        self.mark_folded(node, qnode, y, gr)
+
+    def visit_activation(self, node: fx.Node) -> None:
+        """An elementwise activation (``Kind.ACTIVATION``) on a quantized input: a lookup table over the input's
+        codes into the grid of the quantizer after it (``reference.intops.activation_table``), folded in."""
+        x, xm = self.operand(node)
+        fn, alpha = table_function(node, self.modules)
+        if not isinstance(xm, Grid):
+            raise QpipeError(f"{node.name}: the integer-only graph needs a quantized input to {fn}")
+        qnode, aq, bounds = self.aq_after(node)
+        gr = _grid(aq)
+        lo, hi = clip_range(gr, bounds)
+        table = activation_table(fn, alpha, xm.scale, xm.zero_point, xm.qmin, xm.qmax, gr.scale, gr.zero_point, lo, hi)
+        y = self.call(node.name, IntLookup(torch.from_numpy(table), xm.qmin), self.env[x])
+        self.env[node], self.meta[node] = y, gr
+        self.mark_folded(node, qnode, y, gr)
 
     def visit_adder(self, node: fx.Node) -> None:
         x, xm = self.operand(node)
@@ -716,8 +798,8 @@ class Rewriter:
 
                 def make(grid, node=node, parent=parent):
                     first = parent.make(grid)
-                    rest = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args[1:]]
-                    kwargs = {kk: self.env[v] if isinstance(v, fx.Node) else v for kk, v in node.kwargs.items()}
+                    rest = fx.map_arg(node.args[1:], lambda a: self.env[a])   # sizes in lists too ([n, -1, -1])
+                    kwargs = fx.map_arg(node.kwargs, lambda a: self.env[a])
                     return self.new.create_node(node.op, node.target, (first, *rest), kwargs)
 
                 self.meta[node] = Const(make)

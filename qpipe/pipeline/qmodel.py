@@ -177,6 +177,33 @@ class QLinear(_QWeightMixin, nn.Linear):
         return F.linear(x, self.qweight(), self.qbias())
 
 
+class QEmbedding(_QWeightMixin, nn.Embedding):
+    """An embedding table of integer rows: int8 container, one scale per row (axis 0), no bias."""
+
+    def forward(self, ids):
+        return F.embedding(ids, self.qweight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+def to_q_embedding(m: nn.Embedding, name: str, recipe: Recipe) -> QEmbedding:
+    """The Q-module of an nn.Embedding (``Kind.EMBEDDING``)."""
+    if m.max_norm is not None:
+        raise QpipeError(f"{name}: nn.Embedding with max_norm changes its table while it runs; not supported")
+    q = QEmbedding(m.num_embeddings, m.embedding_dim, m.padding_idx)
+    q._init_qbuffers()
+    q.load_state_dict(m.state_dict())
+    q.qname = name
+    return q
+
+
+def embedding_bits(recipe: Recipe) -> int:
+    """Bits of the embedding tables: ``weights.embedding_bits``, else 8 where weights are quantized."""
+    w = recipe.weights
+    if w.embedding_bits is not None:
+        return w.embedding_bits
+    return FLOAT_BITS if w.bits == FLOAT_BITS else 8
+
+
 class AdderRangeObserver:
     """AdderQuant's activation range r of one adder layer: the running max over batches of the ``percentile``
     of |x| (collect with ``observe``, conclude with ``range``)."""
@@ -485,6 +512,7 @@ class Prepared:
     int_ops: list[str]         # integer Softmax / GELU / LayerNorm modules (recipe.ops)
     adders: list[str] = dataclasses.field(default_factory=list)  # AdderQuant layers (recipe.adder)
     weight_bits: dict[str, int] = dataclasses.field(default_factory=dict)  # layer -> bits (layer_bits)
+    embeddings: list[str] = dataclasses.field(default_factory=list)  # quantized nn.Embedding tables
 
 
 SCALAR_OPS = (operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv, operator.pow,
@@ -558,6 +586,8 @@ def kind_of(node: fx.Node, modules) -> Kind:
         m = modules[node.target]
         if isinstance(m, (QConv2d, QLinear, nn.Conv2d, nn.Linear)):
             return Kind.LAYER
+        if isinstance(m, nn.Embedding):
+            return Kind.EMBEDDING
         if isinstance(m, AdderConv2d):
             return Kind.ADDER
         if isinstance(m, RELU_MODULES):
@@ -653,6 +683,13 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
             layers.append(node.target)
     for name in layers:
         _swap_in(gm, Kind.LAYER, name, modules[name], recipe)
+    embeddings = []
+    if embedding_bits(recipe) != FLOAT_BITS:
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(modules[node.target], nn.Embedding) \
+                    and node.target not in recipe.exclude and node.target not in embeddings:
+                _swap_in(gm, Kind.EMBEDDING, node.target, modules[node.target], recipe)
+                embeddings.append(node.target)
     adders = []
     if recipe.adder.method != "none":
         for node in gm.graph.nodes:
@@ -752,7 +789,7 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
     gm.graph.lint()
     gm.recompile()
     share_state(gm)
-    return Prepared(gm, layers, act, layer_input, int_ops, adders, layer_bits(recipe, layers))
+    return Prepared(gm, layers, act, layer_input, int_ops, adders, layer_bits(recipe, layers), embeddings)
 
 
 def _tail(node: fx.Node, modules, scale: bool = True) -> tuple[fx.Node, bool]:
@@ -899,6 +936,16 @@ def quantize_weights(p: Prepared, recipe: Recipe) -> dict[str, float]:
         m.weight_int = q.to(torch.int8)
         m.weight_scale = s.float() if per_channel else s[0].float().reshape(())
         m.weight_zero_point = z.to(torch.int32) if per_channel else z[0].to(torch.int32).reshape(())
+        info[name] = weight_sqnr(m)
+    for name in p.embeddings:   # per row, symmetric, nearest: a row is one token's vector
+        m = p.gm.get_submodule(name)
+        spec = QuantSpec(embedding_bits(recipe), signed=True, symmetric=True, axis=0)
+        wt = m.weight.detach().double()
+        s, z = estimate(wt, "absmax", spec)
+        s, z = _floor_scales(wt, s, z, spec)
+        s = s.float().double()
+        m.weight_int = quantize(wt, s, z.double(), spec.qmin, spec.qmax, 0, "nearest").to(torch.int8)
+        m.weight_scale, m.weight_zero_point = s.float(), z.to(torch.int32)
         info[name] = weight_sqnr(m)
     return info
 

@@ -76,6 +76,46 @@ def requantize(x, m, k, zero_point=0, qmin=None, qmax=None) -> np.ndarray:
     return y
 
 
+def embedding_table(w_int, row_scale, out_scale: float, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
+    """An embedding table's integer rows (``w_int`` [V, D], one scale per row) requantised once to the output
+    grid: ``requantize(w, dyadic(s_row / s_out))`` per row, clamped to [qmin, qmax] (int64 [V, D]). Gathering a row
+    of it equals gathering the integer row and requantising it, which the integer graph then never does at run
+    time."""
+    w = _i64(w_int)
+    d = dyadic(np.broadcast_to(np.asarray(row_scale, np.float64), (w.shape[0],)) / out_scale)
+    return requantize(w, _i64(d.m)[:, None], _i64(d.k)[:, None], zero_point, qmin, qmax)
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))   # = 1 / (1 + e^-x), without overflow
+
+
+# elementwise functions a lookup table can stand for: name -> f(x, alpha) in float64 (alpha: the op's constant)
+TABLE_FUNCTIONS = {
+    "tanh": lambda x, a: np.tanh(x),
+    "sigmoid": lambda x, a: _sigmoid(x),
+    "hardswish": lambda x, a: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "hardsigmoid": lambda x, a: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "elu": lambda x, a: np.where(x > 0, x, a * np.expm1(np.minimum(x, 0.0))),
+    "leaky_relu": lambda x, a: np.where(x >= 0, x, a * x),
+}
+
+
+def activation_table(fn: str, alpha: float, in_scale: float, in_zero_point: int, in_qmin: int, in_qmax: int,
+                     out_scale: float, out_zero_point: int, qmin: int, qmax: int) -> np.ndarray:
+    """An elementwise function of a b-bit input as a table over the input's codes: entry ``q - in_qmin`` is
+    ``clip(rint(f((q - z_in) s_in) / s_out) + z_out, qmin, qmax)`` with f in float64 (``TABLE_FUNCTIONS``), the
+    float function rounded to the output grid: at most half an output step from f (int64 [in_qmax - in_qmin + 1])."""
+    q = np.arange(in_qmin, in_qmax + 1, dtype=np.int64)
+    y = TABLE_FUNCTIONS[fn]((q - in_zero_point).astype(np.float64) * in_scale, alpha)
+    return np.clip(np.rint(y / out_scale) + out_zero_point, qmin, qmax).astype(np.int64)
+
+
+def lookup(x, table, in_qmin: int) -> np.ndarray:
+    """``table[x - in_qmin]``: the integer op a table stands for."""
+    return np.asarray(table, np.int64)[_i64(x) - in_qmin]
+
+
 def add(a, b, ra: Dyadic, rb: Dyadic, zero_point: int, qmin: int, qmax: int, za: int = 0, zb: int = 0):
     """Integer residual addition: both operands requantised to the output scale, summed, clamped."""
     ya = requantize(_i64(a) - za, ra.m[0], ra.k[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qpipe import inputs
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
 
@@ -77,11 +78,148 @@ def int4_layers(path: Path) -> set[str]:
             if t.data_type == onnx.TensorProto.INT4 and t.name.endswith(".weight_quantized")}
 
 
-def output_step(art: Artifact | None) -> float | None:
-    """Scale of the model's output quantizer (one output step), or None for float outputs."""
-    if art is None:
+def output_step(art: Artifact | None, i: int = 0) -> float | None:
+    """Scale of output ``i``'s quantizer (one output step), or None for float outputs."""
+    if art is None or i >= len(art.record.output_specs()):
         return None
-    return art.record.output_scale()
+    return art.record.output_scale(i)
+
+
+def _match_inputs(art: Artifact, source, data: str) -> None:
+    """The data names every input of the model (a one-input model takes a single tensor)."""
+    specs = art.record.input_specs()
+    names = getattr(source, "input_names", None)
+    if names is None:
+        if len(specs) != 1:
+            raise QpipeError(f"data {data} gives one tensor; the model takes {len(specs)} inputs "
+                             f"({', '.join(s.name for s in specs)})")
+        return
+    missing = [s.name for s in specs if s.name not in names]
+    if missing and not (len(specs) == 1 and len(names) == 1):
+        raise QpipeError(f"data {data}: the model's input {missing[0]!r} is not in the data (the model takes "
+                         f"{', '.join(s.name for s in specs)}; the data has {', '.join(names)})")
+
+
+def _check_batch(specs, x, limits: dict[str, int], data: str) -> None:
+    """Integer inputs get integers; no dynamic axis is longer than the model allows."""
+    by_name = {s.name: s for s in specs}
+    for name, t in inputs.items(x):
+        sp = by_name.get(name) or (specs[0] if len(specs) == 1 else None)
+        if sp is None:
+            continue
+        if sp.is_integer and t.is_floating_point():
+            raise QpipeError(f"data {data}: input {name!r} holds floats ({t.dtype}); the model takes {sp.dtype} there")
+        for axis, axis_name in sp.dynamic.items():
+            if axis_name in limits and axis < t.ndim and t.shape[axis] > limits[axis_name]:
+                raise QpipeError(f"data {data}: input {name!r} has {axis_name} length {t.shape[axis]}; the model's "
+                                 f"position table holds {limits[axis_name]}")
+
+
+def _fp32_reference(art: Artifact | None, onnx_path: Path, fmt: str, device: str, threads):
+    """The FP32 graph in onnxruntime (validation session), the reference for cosine / SQNR; exported into the
+    artifact when it is not there yet. None without an artifact, and for the FP32 graph itself."""
+    if art is None or fmt == "fp32":
+        return None
+    path = art.file("model.fp32.onnx")
+    if not path.is_file():
+        from qpipe.export import export
+
+        export(art, "fp32")
+    return make_session(path, device, optimized=False, threads=threads)
+
+
+class Tally:
+    """Running sums over test batches: accuracy (labels and a 2-D first output), fidelity to the FP32 graph
+    (per-sample cosine, SQNR) and parity (largest difference, top-1 agreement) for every output."""
+
+    def __init__(self):
+        self.n = self.top1 = self.top5 = self.fast_top1 = 0
+        self.classify = True
+        self.n_outputs = 0
+        self.cos: list[list[float]] = []          # per output, per sample
+        self.sig: list[float] = []                # per output: sum ref^2
+        self.err: list[float] = []                # per output: sum (out - ref)^2
+        self.diff: dict[str, list[float]] = {}    # pair -> per output largest |a - b|
+        self.agree: dict[str, int] = {}           # pair -> samples whose top-1 agree
+
+    def add(self, main, fast, torch_out, exact_out, ort_out, ref, y) -> None:
+        k = len(y) if y is not None else len(main[0])
+        self.n += k
+        self.n_outputs = len(main)
+        if y is None or main[0].ndim != 2:
+            self.classify = False
+        elif self.classify:
+            t1, t5 = _topk(main[0], y)
+            self.top1, self.top5 = self.top1 + t1, self.top5 + t5
+            if fast is not None:
+                self.fast_top1 += _topk(fast[0], y)[0]
+        if ref is not None:
+            if not self.cos:
+                self.cos, self.sig, self.err = [[] for _ in main], [0.0] * len(main), [0.0] * len(main)
+            for i, (a, r) in enumerate(zip(main, ref, strict=True)):
+                a64, r64 = a.reshape(len(a), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64)
+                num = (a64 * r64).sum(1)
+                den = np.linalg.norm(a64, axis=1) * np.linalg.norm(r64, axis=1)
+                self.cos[i] += np.where(den > 0, num / np.maximum(den, 1e-300), 1.0).tolist()
+                self.sig[i] += float((r64**2).sum())
+                self.err[i] += float(((a64 - r64) ** 2).sum())
+        pairs = {"torch": (ort_out, torch_out), "exact": (fast, exact_out), "ort": (fast, ort_out)}
+        for key, (a, b) in pairs.items():
+            if a is None or b is None or torch_out is None:
+                continue
+            d = [float(np.abs(u - v).max()) if u.size else 0.0 for u, v in zip(a, b, strict=True)]
+            old = self.diff.get(key, [0.0] * len(d))
+            self.diff[key] = [max(p, q) for p, q in zip(old, d, strict=True)]
+            if a[0].ndim == 2:
+                self.agree[key] = self.agree.get(key, 0) + int((a[0].argmax(1) == b[0].argmax(1)).sum())
+
+    @staticmethod
+    def merge(parts: list[Tally]) -> Tally:
+        t = parts[0]
+        for o in parts[1:]:
+            t.n, t.top1, t.top5, t.fast_top1 = t.n + o.n, t.top1 + o.top1, t.top5 + o.top5, t.fast_top1 + o.fast_top1
+            t.classify = t.classify and o.classify
+            for i in range(len(o.cos)):
+                t.cos[i] += o.cos[i]
+                t.sig[i] += o.sig[i]
+                t.err[i] += o.err[i]
+            for key, d in o.diff.items():
+                t.diff[key] = [max(p, q) for p, q in zip(t.diff.get(key, [0.0] * len(d)), d, strict=True)]
+            for key, c in o.agree.items():
+                t.agree[key] = t.agree.get(key, 0) + c
+        return t
+
+    def accuracy(self, fast_provider: str | None) -> dict:
+        """Top-1 / top-5 where the data has labels and the model's first output is (N, classes); else nothing."""
+        if not self.classify:
+            return {}
+        out = {"accuracy": {"top1": self.top1 / self.n, "top5": self.top5 / self.n, "n": self.n}}
+        if fast_provider is not None:
+            out["accuracy_optimized"] = {"top1": self.fast_top1 / self.n, "n": self.n, "provider": fast_provider}
+        return out
+
+    def fidelity(self, names: list[str]) -> dict:
+        """Per output: mean and least per-sample cosine similarity to the FP32 graph and SQNR in dB; the first
+        output's numbers also at the top level (what ``check`` floors name)."""
+        per = {}
+        for i, name in enumerate(names[: len(self.cos)]):
+            c = np.asarray(self.cos[i])
+            sqnr = 10 * np.log10(self.sig[i] / self.err[i]) if self.err[i] > 0 else float("inf")
+            per[name] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "sqnr_db": float(sqnr)}
+        first = next(iter(per.values()))
+        return {**first, "n": self.n, "outputs": per}
+
+    def parity(self, key: str, steps_of: list[float | None]) -> dict:
+        """Largest difference of ``key``'s pair (over outputs, in each output's steps) and top-1 agreement."""
+        d = self.diff.get(key, [0.0])
+        steps = [round(v / s, 3) if s else None for v, s in zip(d, steps_of, strict=False)]
+        known = [v for v in steps if v is not None]
+        out = {"max_abs_diff": max(d), "max_abs_diff_steps": max(known) if known else None}
+        if len(d) > 1:
+            out["outputs_max_abs_diff_steps"] = steps
+        if key in self.agree:
+            out["top1_agreement"] = self.agree[key] / self.n
+        return out
 
 
 def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = "cpu",
@@ -119,6 +257,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
             raise QpipeError("no --data given and the artifact does not record its data")
     shape = art.record.input_shape if art else (1, 8, 8)
     source = as_source(data, shape)
+    if art is not None:   # the data's inputs against the model's, before any work
+        _match_inputs(art, source, data)
     data = data if isinstance(data, str) else getattr(source, "name", "<data>")
     if source.size("test") == 0:
         raise QpipeError(f"data {data}: the test split is empty")
@@ -160,82 +300,74 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
     if backend == "ort" or fmt in ("qdq", "int"):
         sess = make_session(onnx_path, device, optimized=False, threads=threads)
         fast = make_session(onnx_path, device, optimized=True, threads=threads)
+    names = [i.name for i in sess.get_inputs()] if sess is not None else None
+    out_names = [o.name for o in sess.get_outputs()] if sess is not None else None
+    reference = _fp32_reference(art, onnx_path, fmt, device, threads)
+    rec = art.record if art is not None else None
 
-    n = top1 = top5 = fast_top1 = agree = agree_fast = agree_ort = 0
-    max_diff = max_diff_fast = max_diff_ort = 0.0
+    tally = Tally()
     it = (b for _, b in dist.shard(source.batches("test", batch_size, limit)))  # this rank's share
     for x, y in tqdm(it, desc=f"evaluate {backend}", unit="batch", disable=None if progress else True, leave=False):
-        xn, yn = x.numpy(), y.numpy()
-        ort_logits = sess.run(None, {"input": xn})[0] if sess else None
-        ort_fast = fast.run(None, {"input": xn})[0] if fast else None
-        torch_logits = exact_logits = None
+        if rec is not None:
+            _check_batch(rec.input_specs(), x, rec.axis_limits, data)
+        ort_out = sess.run(None, inputs.feed(x, names)) if sess else None
+        ort_fast = fast.run(None, inputs.feed(x, names)) if fast else None
+        torch_out = exact_out = None
         if qmodel is not None:
             with torch.no_grad():
-                torch_logits = qmodel(x.to(dev)).float().cpu().numpy()
-                exact_logits = exact(x.to(dev)).float().cpu().numpy() if exact is not None else torch_logits
-        main = ort_logits if backend == "ort" else torch_logits
-        t1, t5 = _topk(main, yn)
-        top1, top5, n = top1 + t1, top5 + t5, n + len(yn)
-        if ort_fast is not None:
-            fast_top1 += _topk(ort_fast, yn)[0]
-        if torch_logits is not None and ort_logits is not None:
-            agree += int((ort_logits.argmax(1) == torch_logits.argmax(1)).sum())
-            agree_fast += int((ort_fast.argmax(1) == exact_logits.argmax(1)).sum())
-            max_diff = max(max_diff, float(np.abs(ort_logits - torch_logits).max()))
-            max_diff_fast = max(max_diff_fast, float(np.abs(ort_fast - exact_logits).max()))
-            max_diff_ort = max(max_diff_ort, float(np.abs(ort_fast - ort_logits).max()))
-            agree_ort += int((ort_fast.argmax(1) == ort_logits.argmax(1)).sum())
+                xd = inputs.to(x, dev)
+                torch_out = [t.float().cpu().numpy() for t in inputs.outputs(inputs.call(qmodel, xd))]
+                exact_out = [t.float().cpu().numpy() for t in inputs.outputs(inputs.call(exact, xd))] \
+                    if exact is not None else torch_out
+        main = ort_out if backend == "ort" else torch_out
+        ref = reference.run(None, inputs.feed(x, [i.name for i in reference.get_inputs()])) \
+            if reference is not None else None
+        tally.add(main, ort_fast, torch_out, exact_out, ort_out, ref, None if y is None else y.numpy())
     if dist.active():  # sums of counts and maxima of differences over the ranks: the single-process numbers
-        parts = dist.gather((n, top1, top5, fast_top1, agree, agree_fast, agree_ort, max_diff, max_diff_fast,
-                             max_diff_ort))
-        n, top1, top5, fast_top1, agree, agree_fast, agree_ort = (sum(p[i] for p in parts) for i in range(7))
-        max_diff, max_diff_fast, max_diff_ort = (max(p[i] for p in parts) for i in (7, 8, 9))
-    if n == 0:
-        raise QpipeError(f"data {data}: no test images")
+        tally = Tally.merge(dist.gather(tally))
+    if tally.n == 0:
+        raise QpipeError(f"data {data}: no test samples")
 
     metrics = {"backend": backend, "format": fmt, "model_file": onnx_path.name, "data": data, "device": device,
-               "provider": provider(sess) if backend == "ort" else f"torch-{device}",
-               "accuracy": {"top1": top1 / n, "top5": top5 / n, "n": n}}
-    if fast is not None:
-        metrics["accuracy_optimized"] = {"top1": fast_top1 / n, "n": n, "provider": provider(fast)}
-    step = output_step(art)
+               "provider": provider(sess) if backend == "ort" else f"torch-{device}"}
+    metrics.update(tally.accuracy(provider(fast) if fast is not None else None))
+    if reference is not None:
+        metrics["fidelity"] = tally.fidelity(out_names or [t.name for t in rec.output_specs()])
+        metrics["fidelity"]["reference"] = "FP32 graph (model.fp32.onnx) in onnxruntime, validation session"
+    steps_of = [output_step(art, i) for i in range(tally.n_outputs)]
     if qmodel is not None and sess is not None:
-        steps = (lambda d: round(d / step, 3)) if step else (lambda d: None)
-        reference = "torch integer model" if fmt == "int" else "torch quantized model"
-        metrics["parity"] = {"reference": reference, "session": "validation (no graph optimisation)",
-                             "top1_agreement": agree / n, "max_abs_diff": max_diff,
-                             "max_abs_diff_steps": steps(max_diff), "output_step": step}
+        reference_name = "torch integer model" if fmt == "int" else "torch quantized model"
+        metrics["parity"] = {"reference": reference_name, "session": "validation (no graph optimisation)",
+                             **tally.parity("torch", steps_of)}
+        metrics["parity"]["output_step"] = steps_of[0]
         metrics["parity_optimized"] = {"session": "fully optimised (fused integer kernels)",
-                                       "top1_agreement": agree_fast / n, "max_abs_diff": max_diff_fast,
-                                       "max_abs_diff_steps": steps(max_diff_fast)}
+                                       **tally.parity("exact", steps_of)}
         if exact is not None:
-            metrics["parity_optimized"]["reference"] = (f"{reference} with onnxruntime's fused-kernel arithmetic "
+            metrics["parity_optimized"]["reference"] = (f"{reference_name} with onnxruntime's fused-kernel arithmetic "
                                                         f"({exact.fused_groups} fused groups)")
             # layers onnxruntime runs as DequantizeLinear + float op (INT4 weights): float noise there too
             metrics["parity_optimized"]["float_layers"] = len(float_layers)
             # onnxruntime against itself: the float sums of its validation session break ties in other
             # places than its integer kernels, and the model amplifies each one-step move the same way
-            metrics["ort_optimized_vs_validation"] = {"max_abs_diff": max_diff_ort,
-                                                      "max_abs_diff_steps": steps(max_diff_ort),
-                                                      "top1_agreement": agree_ort / n}
+            metrics["ort_optimized_vs_validation"] = tally.parity("ort", steps_of)
     if latency:
         xb = next(iter(source.batches("test", batch_size)))[0]
         if backend == "ort":
-            xn = xb.numpy()
-            ms = _timeit(lambda: fast.run(None, {"input": xn}))
+            feed = inputs.feed(xb, names)
+            ms = _timeit(lambda: fast.run(None, feed))
         else:
-            xt = xb.to(dev)
+            xt = inputs.to(xb, dev)
 
             def fn():
                 with torch.no_grad():
-                    qmodel(xt)
+                    inputs.call(qmodel, xt)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
             ms = _timeit(fn)
         metrics["latency_ms"] = {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-                                 "batch_size": len(xb), "runs": len(ms), "warmup": LATENCY_WARMUP,
+                                 "batch_size": inputs.batch_len(xb), "runs": len(ms), "warmup": LATENCY_WARMUP,
                                  "session": "fully optimised" if backend == "ort" else "torch eager"}
-        metrics["throughput_ips"] = len(xb) / (metrics["latency_ms"]["p50"] / 1000)
+        metrics["throughput_ips"] = inputs.batch_len(xb) / (metrics["latency_ms"]["p50"] / 1000)
     else:
         metrics["latency_ms"] = {"p50": None, "p90": None, "batch_size": batch_size}
         metrics["throughput_ips"] = None
@@ -251,20 +383,22 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
 
 def format_table(rows: list[dict], title: str | None = None) -> str:
     """A readable fixed-width table of metrics dicts (one row each)."""
-    cols = ["name", "backend", "format", "provider", "top1", "top5", "agree", "steps", "p50 ms", "img/s"]
+    cols = ["name", "backend", "format", "provider", "top1", "top5", "cos", "agree", "steps", "p50 ms", "img/s"]
+    if not any("fidelity" in m for m in rows):
+        cols.remove("cos")
 
     def cell(m, c):
         if c == "name":
             return m.get("name", "")
         if c in ("backend", "format", "provider"):
             return str(m.get(c, ""))
-        if c == "top1":
-            return f"{100 * m['accuracy']['top1']:.2f}"
-        if c == "top5":
-            return f"{100 * m['accuracy']['top5']:.2f}"
+        if c in ("top1", "top5"):
+            return f"{100 * m['accuracy'][c]:.2f}" if "accuracy" in m else "-"
+        if c == "cos":
+            return f"{m['fidelity']['cosine_mean']:.4f}" if "fidelity" in m else "-"
         par = m.get("parity") or {}
         if c == "agree":
-            return f"{100 * par['top1_agreement']:.2f}" if par else "-"
+            return f"{100 * par['top1_agreement']:.2f}" if "top1_agreement" in par else "-"
         if c == "steps":
             s = [par.get("max_abs_diff_steps"), (m.get("parity_optimized") or {}).get("max_abs_diff_steps")]
             return "/".join("-" if v is None else f"{v:g}" for v in s) if par else "-"

@@ -1,0 +1,231 @@
+"""Hugging Face ``transformers`` models as a user brings them, through the CLI: a local model folder
+(``hf:DIR``) and an npz of named inputs; inspect -> calibrate -> export (QDQ and integer-only) -> evaluate in
+onnxruntime at batch sizes and sequence lengths calibration never saw -> check. Small configs, random weights."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_ok, assert_one_line_error, run_cli
+
+from qpipe.reference.intops import TABLE_FUNCTIONS, activation_table, dyadic, embedding_table
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+VOCAB, MAX_POSITIONS = 120, 40
+CALIB_SHAPE, TEST_SHAPE = (24, 10), (10, 17)   # (samples, sequence length): the test length is new to the model
+COSINE_W8A8 = 0.99
+"""Mean per-sample cosine of W8A8 outputs (QDQ, integer-only) to the FP32 graph on these random-weight models
+(measured 0.9995-0.9999 for last_hidden_state); what a user of a text encoder would notice first."""
+
+
+def build(name, attn):
+    torch.manual_seed(0)
+    if name == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=MAX_POSITIONS,
+                                      attn_implementation=attn)
+        return transformers.BertModel(cfg)
+    if name == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                            max_position_embeddings=MAX_POSITIONS, attn_implementation=attn)
+        return transformers.DistilBertModel(cfg)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, attn_implementation=attn)
+    return transformers.ViTModel(cfg)
+
+
+def tokens(n, length, seed, pad_every=3):
+    g = np.random.default_rng(seed)
+    mask = np.ones((n, length), np.int64)
+    mask[::pad_every, length // 2:] = 0   # padded sentences
+    return g.integers(1, VOCAB, (n, length)), mask
+
+
+def write_data(path, name, calib=CALIB_SHAPE, test=TEST_SHAPE, **extra):
+    if name == "vit":
+        g = np.random.default_rng(0)
+        arrays = {"pixel_values_train": g.standard_normal((calib[0], 3, 32, 32)).astype(np.float32),
+                  "pixel_values_test": g.standard_normal((test[0], 3, 32, 32)).astype(np.float32)}
+    else:
+        ids, mask = tokens(*calib, 0)
+        ids_t, mask_t = tokens(*test, 1)
+        arrays = {"input_ids_train": ids, "attention_mask_train": mask, "input_ids_test": ids_t,
+                  "attention_mask_test": mask_t}
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    def make(name, attn="sdpa"):
+        folder = tmp_path / f"{name}-{attn}"
+        transformers.logging.disable_progress_bar()   # the user's own step, not qpipe's stderr
+        try:
+            build(name, attn).save_pretrained(folder)
+        finally:
+            transformers.logging.enable_progress_bar()
+        return f"hf:{folder}"
+    return make
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "vit"])
+def test_transformers_model_runs_unchanged_from_folder_to_exact_integer_graph(name, attn, model_dir, tmp_path, capsys):
+    model = model_dir(name, attn)
+    data = write_data(tmp_path / "data.npz", name)
+    out = tmp_path / "art"
+    code, text, err = run_cli(capsys, "inspect", "--model", model, "--recipe", "w8a8-int")
+    assert_ok(code, err)
+    assert "embedding" in text or name == "vit"
+    for args in (["calibrate", "--model", model, "--data", data, "--recipe", "w8a8-int", "--out", str(out)],
+                 ["export", str(out), "--format", "qdq"], ["export", str(out), "--format", "int"],
+                 ["evaluate", str(out), "--format", "qdq", "--no-latency"],
+                 ["evaluate", str(out), "--format", "int", "--no-latency"]):
+        code, _, err = run_cli(capsys, *args)
+        assert_ok(code, err)
+    qdq = json.loads((out / "metrics-ort-qdq.json").read_text())
+    integer = json.loads((out / "metrics-ort-int.json").read_text())
+    assert "accuracy" not in qdq   # no labels: compared with the FP32 graph instead
+    assert qdq["fidelity"]["n"] == TEST_SHAPE[0]
+    assert qdq["fidelity"]["outputs"]["last_hidden_state"]["cosine_mean"] > COSINE_W8A8
+    assert integer["fidelity"]["outputs"]["last_hidden_state"]["cosine_mean"] > COSINE_W8A8
+    for key in ("parity", "parity_optimized"):   # the integer graph equals the PyTorch integer model
+        assert integer[key]["max_abs_diff"] == 0, key
+    for fmt in ("qdq", "int"):   # the model's own names, batch and sequence dynamic
+        m = onnx.load(str(out / f"model.{fmt}.onnx"))
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+        outs = [o.name for o in m.graph.output]
+        assert outs[0] == "last_hidden_state"
+        if name == "vit":
+            assert dims == {"pixel_values": ["batch", 3, 32, 32]}
+        else:
+            assert dims["input_ids"] == ["batch", "sequence"] and dims["attention_mask"] == ["batch", "sequence"]
+
+
+def _consumers(m):
+    out = {}
+    for n in m.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+@pytest.mark.parametrize("bits,dtype", [(8, onnx.TensorProto.INT8), (4, onnx.TensorProto.INT4)], ids=["int8", "int4"])
+def test_token_ids_reach_an_integer_embedding_table_unquantized(bits, dtype, model_dir, tmp_path, capsys):
+    model = model_dir("bert")
+    out = tmp_path / "art"
+    code, _, err = run_cli(capsys, "calibrate", "--model", model, "--data", write_data(tmp_path / "d.npz", "bert"),
+                           "--recipe", "w8a8-int", "--out", str(out), "--set", f"weights.embedding_bits={bits}")
+    assert_ok(code, err)
+    for fmt in ("qdq", "int"):
+        assert_ok(*run_cli(capsys, "export", str(out), "--format", fmt)[::2])
+    m = onnx.load(str(out / "model.qdq.onnx"))
+    users = _consumers(m)
+    gathers = [n for n in users["input_ids"] if n.op_type == "Gather"]
+    # the ids go straight to the table (and to Shape, for the positions): no Q/DQ, no Cast
+    assert len(gathers) == 1 and {n.op_type for n in users["input_ids"]} <= {"Gather", "Shape"}
+    table = next(n for n in m.graph.node if n.output[0] == gathers[0].input[0])
+    assert table.op_type == "DequantizeLinear" and table.attribute[0].i == 0   # per row
+    init = next(t for t in m.graph.initializer if t.name == table.input[0])
+    assert init.data_type == dtype and list(init.dims) == [VOCAB, 32]   # 1/4 (1/8) of the float table
+    rec = json.loads((out / "qparams.json").read_text())["tensors"]["embeddings.word_embeddings.weight"]
+    assert rec["bits"] == bits and rec["axis"] == 0 and len(rec["scale"]) == VOCAB
+    mi = onnx.load(str(out / "model.int.onnx"))
+    users = _consumers(mi)
+    gathers = [n for n in users["input_ids"] if n.op_type == "Gather"]
+    assert len(gathers) == 1 and {n.op_type for n in users["input_ids"]} <= {"Gather", "Shape"}
+    assert any(t.name == gathers[0].input[0] and t.data_type == onnx.TensorProto.INT64
+               for t in mi.graph.initializer)   # the table itself, on the output grid
+
+
+def test_check_gates_an_embedding_model_on_cosine_sqnr_and_steps(model_dir, tmp_path, capsys):
+    model = model_dir("bert")
+    out = tmp_path / "art"
+    data = write_data(tmp_path / "d.npz", "bert")
+    for args in (["calibrate", "--model", model, "--data", data, "--recipe", "w8a8", "--out", str(out)],
+                 ["export", str(out), "--format", "qdq"], ["evaluate", str(out), "--no-latency"]):
+        assert_ok(*run_cli(capsys, *args)[::2])
+    metrics = json.loads((out / "metrics.json").read_text())
+    fid = metrics["fidelity"]
+    assert set(fid["outputs"]) == {"last_hidden_state", "pooler_output"}
+    assert fid["sqnr_db"] > 20 and fid["cosine_min"] <= fid["cosine_mean"] <= 1
+    assert metrics["parity"]["max_abs_diff_steps"] is not None and "top1_agreement" not in metrics["parity"]
+    expect = tmp_path / "expect.json"
+    expect.write_text(json.dumps({"floors": {"fidelity.cosine_mean": COSINE_W8A8, "fidelity.sqnr_db": 20}}))
+    code, text, err = run_cli(capsys, "check", str(out), "--expect", str(expect))
+    assert code == 0, text
+    assert "fidelity.cosine_mean >= 0.99" in text and "parity_optimized.max_abs_diff_steps" in text
+    expect.write_text(json.dumps({"floors": {"fidelity.cosine_mean": 1.000001}}))
+    code, text, _ = run_cli(capsys, "check", str(out), "--expect", str(expect))
+    assert code == 1 and "FAIL  fidelity.cosine_mean" in text
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("misnamed", ["'ids' is not an argument of BertModel", "input_ids", "attention_mask"]),
+    ("float_ids", ["'input_ids' holds floats"]),
+    ("too_long", ["sequence length 50", "position table holds 40"]),
+])
+def test_bad_inputs_are_one_line_and_write_nothing(case, needles, model_dir, tmp_path, capsys):
+    model = model_dir("bert")
+    ids, mask = tokens(*CALIB_SHAPE, 0)
+    path = tmp_path / "d.npz"
+    if case == "misnamed":
+        np.savez(path, ids=ids, attention_mask=mask)
+    elif case == "float_ids":
+        np.savez(path, input_ids=ids.astype(np.float32), attention_mask=mask)
+    else:
+        np.savez(path, input_ids=np.ones((4, 50), np.int64))
+    out = tmp_path / "art"
+    code, _, err = run_cli(capsys, "calibrate", "--model", model, "--data", f"npz:{path}", "--out", str(out))
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists() and not list(tmp_path.glob(".art*"))
+
+
+def test_evaluate_refuses_test_data_that_does_not_fit(model_dir, tmp_path, capsys):
+    model = model_dir("bert")
+    out = tmp_path / "art"
+    assert_ok(*run_cli(capsys, "calibrate", "--model", model, "--data", write_data(tmp_path / "d.npz", "bert"),
+                       "--out", str(out))[::2])
+    assert_ok(*run_cli(capsys, "export", str(out))[::2])
+    long_ids = write_data(tmp_path / "long.npz", "bert", test=(4, 60))
+    code, _, err = run_cli(capsys, "evaluate", str(out), "--data", long_ids)
+    assert_one_line_error(code, err, "sequence length 60", "position table holds 40")
+    ids, mask = tokens(4, 10, 2)
+    np.savez(tmp_path / "float.npz", input_ids=ids.astype(np.float64), attention_mask=mask)
+    code, _, err = run_cli(capsys, "evaluate", str(out), "--data", f"npz:{tmp_path / 'float.npz'}")
+    assert_one_line_error(code, err, "'input_ids' holds floats")
+    np.savez(tmp_path / "other.npz", token_ids=ids, attention_mask=mask)
+    code, _, err = run_cli(capsys, "evaluate", str(out), "--data", f"npz:{tmp_path / 'other.npz'}")
+    assert_one_line_error(code, err, "input 'input_ids' is not in the data", "token_ids, attention_mask")
+    assert not (out / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- the tables' NumPy reference
+
+def test_embedding_table_is_the_row_requantised_to_the_output_grid():
+    g = np.random.default_rng(0)
+    w = g.integers(-127, 128, (50, 16))
+    s_row = g.uniform(1e-3, 2e-2, 50)
+    s_out, z = 0.013, 3
+    t = embedding_table(w, s_row, s_out, z, -128, 127)
+    exact = np.clip(w * s_row[:, None] / s_out + z, -128, 127)
+    assert np.abs(t - exact).max() <= 0.5 + 1e-6   # round to nearest; the dyadic multiplier is exact to 2^-31
+    d = dyadic(s_row[7] / s_out)   # one row by hand: floor((w m + 2^(k-1)) / 2^k) + z
+    assert t[7].tolist() == [min(127, max(-128, (int(v) * d.m[0] + (1 << (d.k[0] - 1)) >> d.k[0]) + z)) for v in w[7]]
+
+
+@pytest.mark.parametrize("fn", sorted(TABLE_FUNCTIONS))
+def test_activation_table_is_the_float_function_rounded_to_the_output_grid(fn):
+    alpha = {"elu": 1.0, "leaky_relu": 0.01}.get(fn, 0.0)
+    s_in, z_in, s_out, z_out = 0.05, 128, 0.02, 100
+    t = activation_table(fn, alpha, s_in, z_in, 0, 255, s_out, z_out, 0, 255)
+    x = torch.arange(0, 256, dtype=torch.float64)
+    ref = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "hardswish": torch.nn.functional.hardswish,
+           "hardsigmoid": torch.nn.functional.hardsigmoid, "elu": torch.nn.functional.elu,
+           "leaky_relu": torch.nn.functional.leaky_relu}[fn]((x - z_in) * s_in).numpy()
+    want = np.clip(ref / s_out + z_out, 0, 255)
+    assert t.shape == (256,) and np.abs(t - want).max() <= 0.5 + 1e-9   # half an output step from torch's f
