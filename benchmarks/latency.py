@@ -146,10 +146,14 @@ def op_census(path: Path) -> dict:
     return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def time_alternated(sessions: dict[str, ort.InferenceSession], x: np.ndarray, warmup: int, runs: int) -> dict:
-    """One loop; every iteration runs each session once, the starting session rotating each iteration."""
+def time_alternated(sessions: dict[str, ort.InferenceSession], x, warmup: int, runs: int) -> dict:
+    """One loop; every iteration runs each session once, the starting session rotating each iteration. ``x``: the
+    one input's array, or named arrays (each session gets the ones its graph takes)."""
     names = list(sessions)
-    feeds = {n: {sessions[n].get_inputs()[0].name: x} for n in names}
+    if isinstance(x, dict):
+        feeds = {n: {i.name: x[i.name] for i in sessions[n].get_inputs()} for n in names}
+    else:
+        feeds = {n: {sessions[n].get_inputs()[0].name: x} for n in names}
     for _ in range(warmup):
         for n in names:
             sessions[n].run(None, feeds[n])

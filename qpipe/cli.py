@@ -120,6 +120,10 @@ def calibrate(model, data, recipe, out, weights, overrides, seed, device):
     n_w = sum(1 for t in q.tensors.values() if t.kind == TensorKind.WEIGHT)
     n_a = sum(1 for t in q.tensors.values() if t.kind == TensorKind.ACTIVATION)
     click.echo(f"wrote {art.path}: {n_w} quantized weight tensors, {n_a} activation quantizers")
+    wide = sum(1 for t in q.tensors.values() if t.kind == TensorKind.ACTIVATION and t.bits > 8)
+    if wide and art.recipe.activations.residual_bits is None:
+        click.echo(f"residual stream at 16 bits ({wide} quantizers): the model has LayerNorm residual blocks; "
+                   "--set activations.residual_bits=8 keeps it at 8")
     if q.adaround:
         click.echo(format_adaround(list(q.adaround)))
 

@@ -714,6 +714,9 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
     act: list[str] = []
     a = recipe.activations
     qat = recipe.qat.method != "none"
+    residual_bits = a.residual_bits
+    if residual_bits is None and a.bits < TRANSFORMER_RESIDUAL_BITS and _layernorm_residual(gm, modules):
+        residual_bits = TRANSFORMER_RESIDUAL_BITS
     if a.bits != FLOAT_BITS:
         nonneg: dict[fx.Node, bool] = {}
         owner: dict[fx.Node, str] = {}   # node -> quantizer whose grid its values lie on
@@ -752,8 +755,8 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
                 tail, relu = _tail(node, modules, scale=k in (Kind.LAYER, Kind.MATMUL))
                 nn_flag = nn_flag or relu or k == Kind.SOFTMAX or (k == Kind.ACTIVATION and _unit_range(node, modules))
                 bits = a.bits
-                if k == Kind.ADD and a.residual_bits is not None and not _read_by_layer(tail, modules):
-                    bits = a.residual_bits
+                if k == Kind.ADD and residual_bits is not None and not _read_by_layer(tail, modules):
+                    bits = residual_bits
                 if adders and _read_by_adder(tail, modules):
                     bits = recipe.adder.input_bits  # each group re-quantizes it to its own b-bit grid
                 fixed = k == "softmax" and recipe.ops.softmax == "int"
@@ -861,6 +864,19 @@ def _users_through_pass(node: fx.Node, modules) -> list[fx.Node]:
         else:
             out.append(u)
     return out
+
+
+TRANSFORMER_RESIDUAL_BITS = 16
+"""The residual stream of a model with LayerNorm residual blocks (transformers) when the recipe leaves
+``activations.residual_bits`` unset: an 8-bit stream loses what the blocks add to it (a real 6-layer BERT
+encoder: cosine 0.92 to FP32 at 8 bits, 0.99 at 16)."""
+
+
+def _layernorm_residual(gm: fx.GraphModule, modules) -> bool:
+    """True when a residual add (two tensors) feeds a LayerNorm: a transformer's block."""
+    return any(kind_of(n, modules) == Kind.ADD and any(kind_of(u, modules) == Kind.LAYERNORM
+                                                       for u in _users_through_pass(n, modules))
+               for n in gm.graph.nodes)
 
 
 def _feeds_add(node: fx.Node, modules) -> bool:

@@ -33,7 +33,10 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Add"
 # The integer-only graph: integer tensors only, between one QuantizeLinear and one DequantizeLinear
 INT_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "ConvInteger", "MatMulInteger", "Add", "Sub", "Mul",
            "Reshape", "Transpose", "Gather", "Concat", "Shape", "Unsqueeze", "Squeeze", "Expand", "Where", "Equal",
-           "ConstantOfShape", "Flatten", "MaxPool", "ReduceSum", "Constant", "Identity", "Slice", "Pad"}
+           "ConstantOfShape", "Flatten", "MaxPool", "ReduceSum", "Constant", "Identity", "Slice", "Pad",
+           # attention masks and positions from integer inputs (every tensor is still checked to be an integer)
+           "And", "Or", "Not", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Range", "GatherElements",
+           "Trilu", "Neg"}
 INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
              onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
              onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.BOOL}
@@ -104,8 +107,9 @@ def check_integers(art: Artifact, model: onnx.ModelProto) -> Result:
 
 
 def integer_only(model: onnx.ModelProto) -> tuple[bool, str]:
-    """Whether every tensor between the input's QuantizeLinear and the output's DequantizeLinear is an integer:
-    (ok, detail). Float tensors allowed: the graph input, the final output and Q/DQ scales."""
+    """Whether every tensor between the inputs' QuantizeLinear and the outputs' DequantizeLinear is an integer:
+    (ok, detail). Float tensors allowed: the float graph inputs (one QuantizeLinear each; integer inputs such as
+    token ids are read as they are), the final outputs (one DequantizeLinear each) and Q/DQ scales."""
     inferred = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
@@ -113,11 +117,13 @@ def integer_only(model: onnx.ModelProto) -> tuple[bool, str]:
     q = [n for n in g.node if n.op_type == "QuantizeLinear"]
     dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
     inputs, outputs = {i.name for i in g.input}, {o.name for o in g.output}
-    if len(q) != 1 or q[0].input[0] not in inputs:
-        return False, f"{len(q)} QuantizeLinear nodes; expected one, on the graph input"
-    if len(dq) != 1 or dq[0].output[0] not in outputs:
-        return False, f"{len(dq)} DequantizeLinear nodes; expected one, giving the graph output"
-    scales = {q[0].input[1], dq[0].input[1]}
+    float_inputs = {i.name for i in g.input if i.type.tensor_type.elem_type not in INT_TYPES}
+    if len(q) != len(float_inputs) or {n.input[0] for n in q} != float_inputs:
+        return False, (f"{len(q)} QuantizeLinear nodes; expected one on each float graph input "
+                       f"({len(float_inputs)})")
+    if len(dq) != len(outputs) or {n.output[0] for n in dq} != outputs:
+        return False, f"{len(dq)} DequantizeLinear nodes; expected one giving each graph output ({len(outputs)})"
+    scales = {n.input[1] for n in q} | {n.input[1] for n in dq}
     bad = []
     for n in g.node:
         for name in n.output:
