@@ -144,8 +144,13 @@ def ort_quantizers(fp32: Path, work: Path, calib: dict[str, np.ndarray]) -> dict
     """onnxruntime's own quantizers on the same FP32 file, as its documentation shows them."""
     import logging
 
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     logging.getLogger().setLevel(logging.ERROR)

@@ -116,7 +116,7 @@ def integer_only(model: onnx.ModelProto) -> tuple[bool, str]:
     types.update({t.name: t.data_type for t in g.initializer})
     q = [n for n in g.node if n.op_type == "QuantizeLinear"]
     dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
-    inputs, outputs = {i.name for i in g.input}, {o.name for o in g.output}
+    outputs = {o.name for o in g.output}
     float_inputs = {i.name for i in g.input if i.type.tensor_type.elem_type not in INT_TYPES}
     if len(q) != len(float_inputs) or {n.input[0] for n in q} != float_inputs:
         return False, (f"{len(q)} QuantizeLinear nodes; expected one on each float graph input "
