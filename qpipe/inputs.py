@@ -43,7 +43,9 @@ def take(x: Batch, index) -> Batch:
 
 
 def cat(xs: Sequence[Batch]) -> Batch:
-    """Batches joined along dimension 0 (all of one kind; named batches need the same names and trailing shapes)."""
+    """Batches joined along dimension 0 (all of one kind; named batches need the same names). Named batches padded
+    to different sequence lengths (dimension 1) are right-padded with zeros to the longest first: an attention mask
+    of 0 masks the added positions, whatever the padded id is."""
     if not xs:
         raise QpipeError("calibration data is empty")
     if not is_named(xs[0]):
@@ -52,11 +54,20 @@ def cat(xs: Sequence[Batch]) -> Batch:
     for b in xs[1:]:
         if list(b) != names:
             raise QpipeError(f"data: batches name different inputs ({names} and {list(b)})")
-    try:
-        return {k: torch.cat([b[k] for b in xs]) for k in names}
-    except RuntimeError as e:
-        raise QpipeError(f"data: batches of different shapes cannot be joined ({str(e).splitlines()[0][:160]}); "
-                         "pad every batch to one sequence length") from e
+    out = {}
+    for k in names:
+        ts = [b[k] for b in xs]
+        if len({t.shape[2:] for t in ts}) == 1 and all(t.ndim >= 2 for t in ts):
+            length = max(t.shape[1] for t in ts)
+            ts = [torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1])) for t in ts]
+        try:
+            out[k] = torch.cat(ts)
+        except RuntimeError as e:
+            raise QpipeError(f"data: batches of input {k!r} have shapes that cannot be joined "
+                             f"({', '.join(str(tuple(t.shape)) for t in ts[:3])}, ...)") from e
+    if "attention_mask" not in out and any(len({b[k].shape[1] for b in xs if b[k].ndim >= 2}) > 1 for k in names):
+        raise QpipeError("data: batches of different sequence lengths need an attention_mask to be joined")
+    return out
 
 
 def call(model, x: Batch):

@@ -301,7 +301,7 @@ class IterableSource(TensorSource):
             raise QpipeError("data: the iterable of batches is empty")
         if any(y is None for y in ys) and not all(y is None for y in ys):
             raise QpipeError("data: some batches have labels and some do not")
-        x = inputs.cat(xs)
+        x = inputs.cat(xs)   # ragged sequence lengths: right-padded, masked (the batches themselves go out as given)
         y = None if ys[0] is None else torch.cat(ys)
         if y is not None and len(y) != inputs.batch_len(x):
             raise QpipeError(f"data: {len(y)} labels for {inputs.batch_len(x)} samples")
@@ -310,20 +310,21 @@ class IterableSource(TensorSource):
         super().__init__(f"<{type(batches).__name__}>", {"train": (x, y), "calib": (x, y), "test": (x, y)},
                          num_classes)
         self.sizes = [inputs.batch_len(b) for b in xs]
+        self.given = xs
 
     def batches(self, split: str, batch_size: int = 0, limit: int | None = None, shuffle_seed: int | None = None):
         """The batches as given (``batch_size`` is the iterable's own), up to ``limit`` samples."""
         if shuffle_seed is not None:
             yield from super().batches(split, batch_size or max(self.sizes), limit, shuffle_seed)
             return
-        x, y = self.splits[split]
+        _, y = self.splits[split]
         start = 0
-        for size in self.sizes:
+        for b, size in zip(self.given, self.sizes, strict=True):
             take = size if limit is None else min(size, limit - start)
             if take <= 0:
                 return
             idx = slice(start, start + take)
-            yield inputs.take(x, idx), (y[idx] if y is not None else None)
+            yield inputs.take(b, slice(0, take)), (y[idx] if y is not None else None)
             start += size
 
 

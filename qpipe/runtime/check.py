@@ -48,13 +48,15 @@ INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT
 # layer: 6 steps at the logits, where onnxruntime's own optimised and validation sessions also differ by 4-6).
 # Its ceiling is 2 plus the distance between onnxruntime's two sessions on the same images.
 PARITY_MAX_STEPS = 2
-# Transformers (graphs with Softmax / LayerNorm, float or ai.qpipe): the fully optimised session replaces
-# DQ -> MatMul -> Q by MatMulIntegerToFloat / QLinearMatMul, which requantise in their own float order at each of
-# the 6 matmuls per block, and DQ -> Softmax -> Q by QLinearSoftmax, a lookup table; the 16-bit residual stream
-# carries those one-step moves to the head. Measured on digits-vit (4 blocks, top-1 agreement 100 %): 3 steps
-# with the integer ops, 8 with float ops (0 in the validation session, and with the QDQ fusions disabled).
-# 12 leaves room for that; a saturating kernel was 20 steps off. The integer graph must be exact (0).
-PARITY_MAX_STEPS_TRANSFORMER_OPTIMIZED = 12
+# Transformers (graphs with Softmax / LayerNorm, float or ai.qpipe), both sessions: every session sums its
+# matmuls in its own float order (the optimised one also requantises inside MatMulIntegerToFloat / QLinearMatMul
+# and runs DQ -> Softmax -> Q as the lookup table QLinearSoftmax), and a value within float32 noise of a rounding
+# tie lands on either side. On a fine grid (the 16-bit residual stream: a step is 2^-15 of its range) that happens
+# to a few % of the values, and each block carries the moves on: a real 6-layer BERT's validation session is 11
+# output steps from the PyTorch Q-model on real tokens. The ceiling is derived on the artifact itself, from the
+# same inputs: PyTorch is a third float order, so it may be as far from a session as onnxruntime's own optimised
+# and validation sessions are from each other (the model's amplification of float-order ties, measured), plus the
+# PARITY_MAX_STEPS of Q/DQ ties. A wrong op (not float noise) lands far beyond it. The integer graph must be exact.
 TRANSFORMER_OPS = {"Softmax", "LayerNormalization", INT_SOFTMAX, INT_LAYERNORM}
 # AdderNets (graphs with ai.qpipe Adder2d), both sessions: onnxruntime sums -|x - w| over ~100-300 terms in its own
 # float order, a few 1e-5 away from PyTorch's, enough to move a value across a 4-bit group step now and then;
@@ -321,8 +323,8 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
                 limit = PARITY_MAX_STEPS
                 if exact:
                     limit = 0
-                elif key == "parity_optimized" and transformer:
-                    limit = PARITY_MAX_STEPS_TRANSFORMER_OPTIMIZED
+                elif transformer:
+                    limit = PARITY_MAX_STEPS + (ort_steps or 0)
                 elif adder:
                     limit = PARITY_MAX_STEPS_ADDER
                 elif noisy and ort_steps:

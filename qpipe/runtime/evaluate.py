@@ -128,11 +128,19 @@ def _fp32_reference(art: Artifact | None, onnx_path: Path, fmt: str, device: str
     return make_session(path, device, optimized=False, threads=threads)
 
 
+def _kept(d: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The entries of ``d`` at the tokens an attention mask keeps (an output with a token axis), else all."""
+    if mask is None or d.ndim < 2 or d.shape[:2] != mask.shape:
+        return d
+    return d[mask.astype(bool)]
+
+
 class Tally:
     """Running sums over test batches: accuracy (labels and a 2-D first output), fidelity to the FP32 graph
     (per-sample cosine, SQNR) and parity (largest difference, top-1 agreement) for every output."""
 
-    def __init__(self):
+    def __init__(self, parity_masked: bool = True):
+        self.parity_masked = parity_masked   # QDQ parity on the kept tokens; the integer graph's on every value
         self.n = self.top1 = self.top5 = self.fast_top1 = 0
         self.classify = True
         self.n_outputs = 0
@@ -142,7 +150,9 @@ class Tally:
         self.diff: dict[str, list[float]] = {}    # pair -> per output largest |a - b|
         self.agree: dict[str, int] = {}           # pair -> samples whose top-1 agree
 
-    def add(self, main, fast, torch_out, exact_out, ort_out, ref, y) -> None:
+    def add(self, main, fast, torch_out, exact_out, ort_out, ref, y, mask=None) -> None:
+        """One batch. ``mask``: the attention mask (N x L) where the data has one: the fidelity of an output with
+        a token axis counts the tokens the mask keeps (a padded position's value is never used)."""
         k = len(y) if y is not None else len(main[0])
         self.n += k
         self.n_outputs = len(main)
@@ -157,7 +167,11 @@ class Tally:
             if not self.cos:
                 self.cos, self.sig, self.err = [[] for _ in main], [0.0] * len(main), [0.0] * len(main)
             for i, (a, r) in enumerate(zip(main, ref, strict=True)):
-                a64, r64 = a.reshape(len(a), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64)
+                a64, r64 = a.astype(np.float64), r.astype(np.float64)
+                if mask is not None and a.ndim >= 2 and a.shape[:2] == mask.shape:
+                    keep = mask.astype(bool).reshape(*mask.shape, *[1] * (a.ndim - 2))
+                    a64, r64 = a64 * keep, r64 * keep
+                a64, r64 = a64.reshape(len(a), -1), r64.reshape(len(r), -1)
                 num = (a64 * r64).sum(1)
                 den = np.linalg.norm(a64, axis=1) * np.linalg.norm(r64, axis=1)
                 self.cos[i] += np.where(den > 0, num / np.maximum(den, 1e-300), 1.0).tolist()
@@ -167,7 +181,8 @@ class Tally:
         for key, (a, b) in pairs.items():
             if a is None or b is None or torch_out is None:
                 continue
-            d = [float(np.abs(u - v).max()) if u.size else 0.0 for u, v in zip(a, b, strict=True)]
+            d = [float(_kept(np.abs(u - v), mask if self.parity_masked else None).max()) if u.size else 0.0
+                 for u, v in zip(a, b, strict=True)]
             old = self.diff.get(key, [0.0] * len(d))
             self.diff[key] = [max(p, q) for p, q in zip(old, d, strict=True)]
             if a[0].ndim == 2:
@@ -305,7 +320,8 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
     reference = _fp32_reference(art, onnx_path, fmt, device, threads)
     rec = art.record if art is not None else None
 
-    tally = Tally()
+    tally = Tally(parity_masked=fmt != "int")
+    masked = False
     it = (b for _, b in dist.shard(source.batches("test", batch_size, limit)))  # this rank's share
     for x, y in tqdm(it, desc=f"evaluate {backend}", unit="batch", disable=None if progress else True, leave=False):
         if rec is not None:
@@ -322,7 +338,10 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
         main = ort_out if backend == "ort" else torch_out
         ref = reference.run(None, inputs.feed(x, [i.name for i in reference.get_inputs()])) \
             if reference is not None else None
-        tally.add(main, ort_fast, torch_out, exact_out, ort_out, ref, None if y is None else y.numpy())
+        mask = x.get("attention_mask") if inputs.is_named(x) else None
+        masked = masked or mask is not None
+        tally.add(main, ort_fast, torch_out, exact_out, ort_out, ref, None if y is None else y.numpy(),
+                  None if mask is None else mask.numpy())
     if dist.active():  # sums of counts and maxima of differences over the ranks: the single-process numbers
         tally = Tally.merge(dist.gather(tally))
     if tally.n == 0:
@@ -333,12 +352,15 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
     metrics.update(tally.accuracy(provider(fast) if fast is not None else None))
     if reference is not None:
         metrics["fidelity"] = tally.fidelity(out_names or [t.name for t in rec.output_specs()])
-        metrics["fidelity"]["reference"] = "FP32 graph (model.fp32.onnx) in onnxruntime, validation session"
+        metrics["fidelity"]["reference"] = ("FP32 graph (model.fp32.onnx) in onnxruntime, validation session"
+                                            + ("; tokens the attention mask keeps" if masked else ""))
     steps_of = [output_step(art, i) for i in range(tally.n_outputs)]
     if qmodel is not None and sess is not None:
         reference_name = "torch integer model" if fmt == "int" else "torch quantized model"
         metrics["parity"] = {"reference": reference_name, "session": "validation (no graph optimisation)",
                              **tally.parity("torch", steps_of)}
+        if masked and fmt != "int":
+            metrics["parity"]["tokens"] = "kept by the attention mask"
         metrics["parity"]["output_step"] = steps_of[0]
         metrics["parity_optimized"] = {"session": "fully optimised (fused integer kernels)",
                                        **tally.parity("exact", steps_of)}

@@ -406,3 +406,20 @@ def test_digits_split_is_deterministic(digits_source):
 def test_unknown_spec_raises(spec):
     with pytest.raises(QpipeError, match="unknown data spec"):
         load_data(spec)
+
+
+def test_dict_batches_of_different_lengths_go_out_as_given_and_join_padded_and_masked():
+    from qpipe.data import as_source
+
+    b1 = {"input_ids": torch.full((2, 5), 7), "attention_mask": torch.ones(2, 5, dtype=torch.int64)}
+    b2 = {"input_ids": torch.full((3, 8), 9), "attention_mask": torch.ones(3, 8, dtype=torch.int64), "labels": [0, 1, 2]}
+    with pytest.raises(QpipeError, match="some batches have labels"):
+        as_source([b1, b2])
+    b1["labels"] = [1, 1]
+    src = as_source([b1, b2])
+    assert [tuple(x["input_ids"].shape) for x, _ in src.batches("calib")] == [(2, 5), (3, 8)]
+    joined, y = src.splits["calib"]
+    assert joined["input_ids"].shape == (5, 8) and y.tolist() == [1, 1, 0, 1, 2]
+    assert joined["attention_mask"].sum(1).tolist() == [5, 5, 8, 8, 8]   # the added positions are masked
+    with pytest.raises(QpipeError, match="need an attention_mask"):
+        as_source([{"input_ids": torch.ones(2, 5, dtype=torch.int64)}, {"input_ids": torch.ones(2, 6, dtype=torch.int64)}])
