@@ -197,9 +197,6 @@ def _exported(model: nn.Module, exclude: tuple, example, fx_failure: str | None)
     """The torch.export path; ``fx_failure``: why torch.fx did not do (said again if export fails too)."""
     from qpipe.pipeline.exported import export_capture
 
-    if exclude:
-        raise QpipeError(f"exclude: {type(model).__name__} is captured through torch.export, where modules cannot be "
-                         "kept whole yet; leave 'exclude' empty")
     try:
         gm = export_capture(model, example)
     except QpipeError as e:

@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from qpipe import inputs
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
 
@@ -53,7 +54,10 @@ def diagnose(artifact: str | Artifact, data=None, images: int = 256, batch_size:
     xs = [x for x, _ in source.batches("calib", batch_size, images)]
     if not xs:
         raise QpipeError(f"data {data}: no calibration images")
-    x = torch.cat(xs)
+    x = inputs.cat(xs)
+
+    def first_output() -> torch.Tensor:   # the model's (first) output, whatever it returns
+        return inputs.outputs(inputs.call(gm, x))[0].double()
 
     outputs: dict[str, dict[str, torch.Tensor]] = {"float": {}, "quant": {}}
     which = {"now": "float"}
@@ -61,16 +65,16 @@ def diagnose(artifact: str | Artifact, data=None, images: int = 256, batch_size:
         lambda m, i, o, n=n: outputs[which["now"]].__setitem__(n, o.detach().double())) for n in layers]
     with torch.no_grad():
         with mode(gm, "float"):
-            ref = gm(x).double()
+            ref = first_output()
         which["now"] = "quant"
-        full = gm(x).double()
+        full = first_output()
         for h in hooks:
             h.remove()
         alone = {}
         for n in layers:
             names = {n} | ({q.layers[n].input} if q.layers[n].input else set())
             with only_quantize(gm, names):
-                alone[n] = sqnr_db(ref, gm(x).double())
+                alone[n] = sqnr_db(ref, first_output())
     rows = []
     for n in layers:
         info = q.layers[n]
@@ -81,7 +85,7 @@ def diagnose(artifact: str | Artifact, data=None, images: int = 256, batch_size:
     worst = sorted(rows, key=lambda r: finite(r["alone_sqnr_db"]))[:WORST]
     for r in worst:
         r["suggestion"] = _suggest(r["layer"], r["weight_bits"], layers[0], layers[-1])
-    result = {"images": len(x), "data": data if isinstance(data, str) else "<in-memory>",
+    result = {"images": inputs.batch_len(x), "data": data if isinstance(data, str) else "<in-memory>",
               "model_sqnr_db": sqnr_db(ref, full), "layers": rows,
               "worst": [{"layer": r["layer"], "alone_sqnr_db": r["alone_sqnr_db"], "suggestion": r["suggestion"]}
                         for r in worst]}

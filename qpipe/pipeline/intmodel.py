@@ -604,6 +604,8 @@ class Rewriter:
         m = self.modules[target]
         if not isinstance(xm, Grid):
             raise QpipeError(f"{target}: the integer-only graph needs a quantized input to every layer")
+        if not isinstance(m, (QConv2d, QLinear)):
+            raise QpipeError(f"{target} is kept float (exclude); the integer-only graph needs every layer quantized")
         sw = scales(m.weight_scale) if m.weight_scale is not None else (1.0,)
         acc_scale = tuple(xm.scale * v for v in sw)
         if isinstance(m, QConv2d):

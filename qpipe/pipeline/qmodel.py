@@ -674,10 +674,11 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
     if recipe.fold_bn:
         fold_batchnorm(gm)
     modules = dict(gm.named_modules())
+    floats = {n for n in gm.graph.nodes if _in_excluded(n, recipe.exclude)}   # kept float (``exclude:``)
     layers = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, nn.Linear)) \
-                and node.target not in recipe.exclude:
+                and node not in floats:
             if node.target in layers:
                 raise QpipeError(f"module {node.target} is called twice; qpipe needs one call per Conv/Linear")
             layers.append(node.target)
@@ -687,7 +688,7 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
     if embedding_bits(recipe) != FLOAT_BITS:
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(modules[node.target], nn.Embedding) \
-                    and node.target not in recipe.exclude and node.target not in embeddings:
+                    and node not in floats and node.target not in embeddings:
                 _swap_in(gm, Kind.EMBEDDING, node.target, modules[node.target], recipe)
                 embeddings.append(node.target)
     adders = []
@@ -704,7 +705,7 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
         if node.op == "call_module":
             m = modules[node.target]
             kind = next((k for cls, k in OP_MODULES.items() if isinstance(m, cls)), None)
-            if kind and node.target in recipe.exclude:
+            if kind and node in floats:
                 continue
             if kind and getattr(recipe.ops, kind.value) == "int" and recipe.quantizes_activations:
                 _swap_in(gm, kind, node.target, m, recipe)
@@ -741,8 +742,10 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
 
         for node in list(gm.graph.nodes):
             k = kind_of(node, modules)
-            if node.op == "call_module" and node.target in recipe.exclude:
-                k = Kind.EXCLUDED  # a float module: its output is quantized again where a layer reads it
+            if node in floats:   # a float region: its output is quantized again where a layer outside reads it
+                if not any(u not in floats for u in node.users):
+                    continue
+                k = Kind.EXCLUDED
             if k in QUANTIZED_KINDS or (k == Kind.EXCLUDED and _read_by_layer(node, modules)):
                 if k == Kind.INPUT and not node.users:
                     continue
@@ -877,6 +880,17 @@ def _layernorm_residual(gm: fx.GraphModule, modules) -> bool:
     return any(kind_of(n, modules) == Kind.ADD and any(kind_of(u, modules) == Kind.LAYERNORM
                                                        for u in _users_through_pass(n, modules))
                for n in gm.graph.nodes)
+
+
+def _in_excluded(node: fx.Node, exclude) -> bool:
+    """Whether ``node`` computes inside a module the recipe keeps float: the module itself (a leaf of the fx
+    capture) or any op torch.export recorded under it (its module stack)."""
+    if not exclude:
+        return False
+    paths = set(node.meta.get("nn_module_stack") or {})
+    if node.op == "call_module":
+        paths.add(node.target)
+    return any(p == e or p.startswith(e + ".") for p in paths for e in exclude)
 
 
 def _feeds_add(node: fx.Node, modules) -> bool:

@@ -234,3 +234,21 @@ def test_activation_table_is_the_float_function_rounded_to_the_output_grid(fn):
            "leaky_relu": torch.nn.functional.leaky_relu}[fn]((x - z_in) * s_in).numpy()
     want = np.clip(ref / s_out + z_out, 0, 255)
     assert t.shape == (256,) and np.abs(t - want).max() <= 0.5 + 1e-9   # half an output step from torch's f
+
+
+def test_exclude_keeps_a_submodule_of_an_exported_model_float(tmp_path):
+    import qpipe
+
+    model = build("bert", "sdpa").eval()
+    ids, mask = tokens(*CALIB_SHAPE, 0)
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    out = tmp_path / "art"
+    art = qpipe.calibrate(model, batches, "w8a8-int", out, overrides=["exclude=[encoder.layer.1.attention]"],
+                          progress=False)
+    rec = art.record
+    inside = [n for n in rec.layers if n.startswith("encoder.layer.1.attention.")]
+    assert not inside and "encoder.layer.1.intermediate.dense" in rec.layers   # float inside, quantized after
+    assert "encoder.layer.1.attention" in rec.int_graph.reason   # the integer graph says why it has none
+    qpipe.export(out, "qdq")
+    m = qpipe.evaluate(out, data=batches, model=model, latency=False, progress=False)
+    assert m["fidelity"]["cosine_mean"] > COSINE_W8A8 and m["parity"]["max_abs_diff_steps"] <= 2
