@@ -620,6 +620,9 @@ class Rewriter:
         (``reference.intops.embedding_table``), which that quantizer then leaves as it is."""
         ids = node.args[0]
         m = self.modules[node.target]
+        if getattr(m, "weight_int", None) is None:
+            raise QpipeError(f"{node.target}: a float embedding table (weights.embedding_bits: 32 or exclude); the "
+                             "integer-only graph needs integer tables")
         qnode, aq, bounds = self.aq_after(node)
         gr = _grid(aq)
         lo, hi = clip_range(gr, bounds)
