@@ -101,7 +101,7 @@ REGISTRY: Mapping[Kind, KindSpec] = MappingProxyType({
     # integer graph: a lookup table over the input's codes (functions of one ONNX op; SiLU and PReLU have none)
     Kind.ACTIVATION: KindSpec("activation", True, None, _I + "visit_activation", ACTIVATION_QDQ,
                               _N + "visit_activation", ("Tanh", "Sigmoid", "HardSwish", "HardSigmoid", "Elu",
-                                                        "LeakyRelu")),
+                                                        "LeakyRelu", "Gelu")),   # Gelu: a float GELU (ops.gelu: fp)
     # no integer form yet (the integer-only graph says so)
     Kind.MUL: KindSpec("mul", True, None, None, ACTIVATION_QDQ, None),
     Kind.RELU: KindSpec(int_module=_I + "visit_relu", int_emitter=_N + "visit_relu", onnx_ops=("Relu", "Clip")),

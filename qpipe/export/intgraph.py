@@ -89,7 +89,7 @@ class Weight:
     transposed: bool = False
 
 
-_ONNX_TABLES = {"Tanh": "tanh", "Sigmoid": "sigmoid", "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid",
+_ONNX_TABLES = {"Gelu": "gelu", "Tanh": "tanh", "Sigmoid": "sigmoid", "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid",
                 "Elu": "elu", "LeakyRelu": "leaky_relu"}
 FLOAT = "float"    # the float graph input
 OTHER = "other"    # shapes, indices, masks: used as they are
@@ -378,6 +378,8 @@ class IntGraph:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "HardSigmoid" and (abs(attrs.get("alpha", 0.2) - 1 / 6) > 1e-6 or attrs.get("beta", 0.5) != 0.5):
             raise QpipeError(f"{node.name}: HardSigmoid other than PyTorch's (x / 6 + 1/2) has no integer form")
+        if fn == "gelu" and attrs.get("approximate", b"none") in (b"tanh", "tanh"):
+            fn = "gelu_tanh"
         if fn in ("elu", "leaky_relu"):
             alpha = _decimal(attrs.get("alpha", 1.0 if fn == "elu" else 0.01))
         if not isinstance(xm, Grid):

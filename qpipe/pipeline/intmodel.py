@@ -410,7 +410,7 @@ class IntLookup(nn.Module):
         return self.table[x - self.qmin]
 
 
-_TABLE_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+_TABLE_MODULES = {nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
                   nn.ELU: "elu", nn.LeakyReLU: "leaky_relu"}
 _TABLE_FUNCS = {torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
                 F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.elu: "elu", F.leaky_relu: "leaky_relu",
@@ -425,6 +425,8 @@ def table_function(node: fx.Node, modules) -> tuple[str, float]:
         fn = next((v for cls, v in _TABLE_MODULES.items() if type(m) is cls), None)
         if fn is None:
             raise QpipeError(f"{node.target} ({type(m).__name__}) has no integer form yet")
+        if fn == "gelu" and m.approximate == "tanh":
+            fn = "gelu_tanh"
         key = _TABLE_ALPHA.get(fn)
         return fn, float(getattr(m, key[0])) if key else 0.0
     fn = _TABLE_FUNCS.get(node.target)
@@ -741,6 +743,9 @@ class Rewriter:
         k = kind_of(node, self.modules)
         target = node.target
         m = self.modules[target]
+        if not isinstance(m, _IntOpMixin) and k == Kind.GELU:
+            self.visit_activation(node)   # the float GELU (erf or tanh, as the model has it) as an exact table
+            return
         if not isinstance(m, _IntOpMixin):
             raise QpipeError(f"{target}: the integer-only graph needs ops.{k}: int in the recipe")
         if not isinstance(xm, Grid):

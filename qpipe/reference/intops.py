@@ -90,8 +90,13 @@ def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))   # = 1 / (1 + e^-x), without overflow
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
 # elementwise functions a lookup table can stand for: name -> f(x, alpha) in float64 (alpha: the op's constant)
 TABLE_FUNCTIONS = {
+    "gelu": lambda x, a: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),   # BERT's, nn.GELU()
+    "gelu_tanh": lambda x, a: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
     "tanh": lambda x, a: np.tanh(x),
     "sigmoid": lambda x, a: _sigmoid(x),
     "hardswish": lambda x, a: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,

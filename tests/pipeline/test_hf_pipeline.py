@@ -229,7 +229,8 @@ def test_activation_table_is_the_float_function_rounded_to_the_output_grid(fn):
     s_in, z_in, s_out, z_out = 0.05, 128, 0.02, 100
     t = activation_table(fn, alpha, s_in, z_in, 0, 255, s_out, z_out, 0, 255)
     x = torch.arange(0, 256, dtype=torch.float64)
-    ref = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "hardswish": torch.nn.functional.hardswish,
+    gelu = torch.nn.functional.gelu
+    ref = {"gelu": gelu, "gelu_tanh": lambda v: gelu(v, approximate="tanh"), "tanh": torch.tanh, "sigmoid": torch.sigmoid, "hardswish": torch.nn.functional.hardswish,
            "hardsigmoid": torch.nn.functional.hardsigmoid, "elu": torch.nn.functional.elu,
            "leaky_relu": torch.nn.functional.leaky_relu}[fn]((x - z_in) * s_in).numpy()
     want = np.clip(ref / s_out + z_out, 0, 255)
@@ -252,3 +253,25 @@ def test_exclude_keeps_a_submodule_of_an_exported_model_float(tmp_path):
     qpipe.export(out, "qdq")
     m = qpipe.evaluate(out, data=batches, model=model, latency=False, progress=False)
     assert m["fidelity"]["cosine_mean"] > COSINE_W8A8 and m["parity"]["max_abs_diff_steps"] <= 2
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"], ids=["erf", "tanh"])
+def test_float_gelu_runs_in_the_integer_graph_as_its_exact_table(act, tmp_path):
+    """ops.gelu: fp keeps the model's own GELU (erf or tanh): float between Q/DQ, a table in the integer graph."""
+    import qpipe
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=MAX_POSITIONS, hidden_act=act)
+    model = transformers.BertModel(cfg).eval()
+    ids, mask = tokens(*CALIB_SHAPE, 0)
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    out = tmp_path / "art"
+    qpipe.calibrate(model, batches, "w8a8-int", out, overrides=["ops.gelu=fp"], progress=False)
+    qpipe.export(out, "int")
+    m = onnx.load(str(out / "model.int.onnx"))
+    assert not any(n.op_type == "IntGELU" for n in m.graph.node)
+    tables = [n for n in m.graph.node if n.op_type == "Gather" and "Gelu_table" in n.input[0]]
+    assert len(tables) == 1
+    metrics = qpipe.evaluate(out, data=batches, model=model, format="int", latency=False, progress=False)
+    assert metrics["parity"]["max_abs_diff"] == 0 and metrics["parity_optimized"]["max_abs_diff"] == 0
