@@ -17,8 +17,9 @@ written for this benchmark and used for nothing else. Both are tokenized with th
 Variants: FP32 (the artifact's float graph), onnxruntime ``quantize_dynamic`` (int8 weights, dynamic uint8
 activations: its recommended mode for transformers) and ``quantize_static`` (QDQ, per-channel int8 weights, uint8
 activations, MinMax, on the same FP32 ONNX file and the same calibration sentences), qpipe ``w8a8`` (16-bit
-residual stream, chosen for LayerNorm blocks), ``w8a8`` with an 8-bit residual stream, ``w8a8-int`` (the
-integer-only graph), ``w4a8`` (nearest) and ``w4a8-adaround``. Metric: per-sentence cosine of each variant's
+residual stream, chosen for LayerNorm blocks), the same with MSE activation ranges, ``w8a8`` with an 8-bit
+residual stream, ``w8a8-int`` (the integer-only graph, with I-ViT's ShiftGELU and with the model's erf-GELU as a
+table), ``w4a8`` (nearest) and ``w4a8-adaround``. Metric: per-sentence cosine of each variant's
 sentence embedding (onnxruntime, fully optimised session) to the FP32 PyTorch model's. Latency: one loop in which
 every variant runs once per iteration (the order rotating), 2 intra-op threads, batch 1 and 32. Writes
 ``hf_text.json`` and ``hf_text.md``.
@@ -217,8 +218,10 @@ def main(argv=None) -> int:
 
     variants = {
         "qpipe W8A8 (16-bit residual)": ("w8a8", "w8a8", [], "qdq"),
+        "qpipe W8A8, MSE activation ranges": ("w8a8-mse", "w8a8", ["activations.observer=mse"], "qdq"),
         "qpipe W8A8, 8-bit residual": ("w8a8-res8", "w8a8", ["activations.residual_bits=8"], "qdq"),
-        "qpipe W8A8 integer-only": ("w8a8-int", "w8a8-int", [], "int"),
+        "qpipe W8A8 integer-only (I-ViT ops)": ("w8a8-int", "w8a8-int", [], "int"),
+        "qpipe W8A8 integer-only, GELU table": ("w8a8-int-gelu", "w8a8-int", ["ops.gelu=fp"], "int"),
         "qpipe W4A8 (nearest)": ("w4a8", "w4a8", [], "qdq"),
         f"qpipe W4A8 AdaRound, {args.adaround_iters} iterations": (
             "w4a8-adaround", "w4a8-adaround", [f"adaround.iters={args.adaround_iters}",

@@ -724,7 +724,8 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
 
         specs: dict[str, int] = {}   # quantizer -> bits
 
-        def insert(after: fx.Node, source: str | None, is_nonneg: bool, bits: int, fixed: bool = False) -> None:
+        def insert(after: fx.Node, source: str | None, is_nonneg: bool, bits: int, fixed: bool = False,
+                   redirect=lambda u: True) -> fx.Node:
             name = f"aq_{after.name}"
             spec = QuantSpec(bits, signed=not (is_nonneg or not a.symmetric), symmetric=a.symmetric)
             specs[source or name] = bits
@@ -735,10 +736,11 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
             modules[name] = aq
             with gm.graph.inserting_after(after):
                 new = gm.graph.call_module(name, (after,))
-            after.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            after.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new and redirect(u))
             owner[new] = source or name
             nonneg[new] = is_nonneg
             act.append(name)
+            return new
 
         for node in list(gm.graph.nodes):
             k = kind_of(node, modules)
@@ -765,7 +767,13 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
                 fixed = k == "softmax" and recipe.ops.softmax == "int"
                 if fixed:
                     bits = OUT_BITS  # IntSoftmax writes 8-bit probabilities at the fixed scale 2^-8
-                insert(tail, None, nn_flag, bits, fixed)
+                # post-LN blocks (BERT): a LayerNorm's output is the residual stream and a layer's input at once;
+                # the residual keeps residual_bits, the layer reads it requantised to activations.bits
+                split = (k == Kind.LAYERNORM and residual_bits is not None and residual_bits > bits
+                         and _feeds_add(tail, modules, any_user=True) and _read_by_layer(tail, modules))
+                q = insert(tail, None, nn_flag, residual_bits if split else bits, fixed)
+                if split:
+                    insert(q, None, nn_flag, bits, redirect=lambda u: kind_of(u, modules) != Kind.ADD)
             elif k == Kind.SPLIT and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]   # a tuple: its items (getitem, a pass-through op) take the quantizer
                 owner[node], nonneg[node] = owner[src], nonneg.get(src, False)
@@ -893,9 +901,11 @@ def _in_excluded(node: fx.Node, exclude) -> bool:
     return any(p == e or p.startswith(e + ".") for p in paths for e in exclude)
 
 
-def _feeds_add(node: fx.Node, modules) -> bool:
+def _feeds_add(node: fx.Node, modules, any_user: bool = False) -> bool:
+    """Whether residual adds read ``node`` (all its readers, or ``any_user``: one of them)."""
     users = _users_through_pass(node, modules)
-    return bool(users) and all(kind_of(u, modules) == Kind.ADD for u in users)
+    adds = [kind_of(u, modules) == Kind.ADD for u in users]
+    return bool(users) and (any(adds) if any_user else all(adds))
 
 
 def _read_by_adder(node: fx.Node, modules) -> bool:
