@@ -814,7 +814,9 @@ class Rewriter:
 
                 self.meta[node] = Const(make)
                 return
-            if op == "call_function" and target in MUL_FUNCS + (operator.truediv, torch.div) and not _is_scalar(node):
+            integers = all(self.meta.get(a) == "other" for a in node.all_input_nodes)   # positions, masks
+            if op == "call_function" and target in MUL_FUNCS + (operator.truediv, torch.div) and not _is_scalar(node) \
+                    and not integers:
                 raise QpipeError(f"{node.name}: {target} on a tensor is not supported in the integer graph")
             self.copy(node, xm if isinstance(xm, (Grid, Acc)) else "other")
             return

@@ -28,6 +28,11 @@ def build(name, attn):
                                       intermediate_size=64, max_position_embeddings=MAX_POSITIONS,
                                       attn_implementation=attn)
         return transformers.BertModel(cfg)
+    if name == "roberta":   # positions counted from the ids (cumsum past the padding id), after it
+        cfg = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=MAX_POSITIONS + 2,
+                                         attn_implementation=attn)
+        return transformers.RobertaModel(cfg)
     if name == "distilbert":
         cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                             max_position_embeddings=MAX_POSITIONS, attn_implementation=attn)
@@ -73,7 +78,7 @@ def model_dir(tmp_path):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("name", ["bert", "distilbert", "vit"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "roberta", "vit"])
 def test_transformers_model_runs_unchanged_from_folder_to_exact_integer_graph(name, attn, model_dir, tmp_path, capsys):
     model = model_dir(name, attn)
     data = write_data(tmp_path / "data.npz", name)
