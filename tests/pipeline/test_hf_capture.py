@@ -1,12 +1,14 @@
 """Hugging Face ``transformers`` models as they ship, captured through torch.export: BERT, DistilBERT and ViT in
 eager and sdpa attention, small configs with random weights."""
 
+import operator
+
 import pytest
 import torch
 
 from qpipe.pipeline.capture import capture
 from qpipe.pipeline.inspect import quantization_points
-from qpipe.pipeline.qmodel import ActQuant, prepare
+from qpipe.pipeline.qmodel import ActQuant, QLinear, prepare
 from qpipe.recipe import load_recipe
 
 transformers = pytest.importorskip("transformers")
@@ -81,3 +83,34 @@ def test_token_ids_are_never_quantized_and_every_linear_reads_a_quantized_input(
     assert not [r["warning"] for r in rows if "warning" in r]
     ops = [r["op"] for r in rows]
     assert ops.count("IntSoftmax") == 2 and ops.count("IntLayerNorm") == 5 and ops.count("IntGELU") == 2
+
+
+def _quantizer_after(p, node):
+    (user,) = node.users
+    return user, p.gm.get_submodule(user.target)
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_residual_stream_is_16_bit_and_a_post_ln_output_is_requantised_for_its_layer(name):
+    """BERT (post-LN): a LayerNorm output is the residual stream and the FFN's input; the add reads it at 16 bits,
+    the Linear at 8. ViT (pre-LN): LayerNorm outputs feed layers only and stay 8-bit; residual adds are 16-bit."""
+    p = prepare(MODELS[name]("sdpa"), load_recipe("w8a8"))
+    modules = dict(p.gm.named_modules())
+    lns = [n for n in p.gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], torch.nn.LayerNorm)]
+    adds = [n for n in p.gm.graph.nodes if n.op == "call_function" and n.target is operator.add
+            and all(isinstance(a, torch.fx.Node) for a in n.args)]
+    assert adds and all(_quantizer_after(p, a)[1].spec.bits == 16 for a in adds if len(a.users) == 1
+                        and isinstance(modules.get(next(iter(a.users)).target), ActQuant))
+    split = 0
+    for ln in lns:
+        q, aq = _quantizer_after(p, ln)
+        readers = {type(modules.get(u.target)).__name__ if u.op == "call_module" else str(u.target) for u in q.users}
+        if aq.spec.bits == 16:   # post-LN: the residual add reads it, an 8-bit quantizer feeds the layer
+            eight = [u for u in q.users if u.op == "call_module" and isinstance(modules[u.target], ActQuant)]
+            assert len(eight) == 1 and modules[eight[0].target].spec.bits == 8, readers
+            assert all(isinstance(modules.get(u.target), QLinear) for u in eight[0].users)
+            split += 1
+        else:
+            assert aq.spec.bits == 8
+    # BERT: the embeddings' and both attention-output LayerNorms, and layer 0's output one (the last feeds no add)
+    assert split == (4 if name == "bert" else 0)
