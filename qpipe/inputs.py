@@ -107,3 +107,13 @@ def dummy_inputs(specs, batch: int = 2) -> tuple[torch.Tensor, ...]:
     from qpipe.record import dummy_arrays
 
     return tuple(torch.from_numpy(a) for a in dummy_arrays(specs, batch))
+
+
+def check_lengths(limits: dict[str, int], x: Batch, dynamic: dict[str, dict[int, str]], where: str = "data") -> None:
+    """Refuse a batch whose named axes (``dynamic``: input -> {axis: name}) are longer than ``limits`` allow
+    (``sequence``: the model's position table)."""
+    for name, t in items(x):
+        for axis, axis_name in dynamic.get(name, {}).items():
+            if axis_name in limits and axis < t.ndim and t.shape[axis] > limits[axis_name]:
+                raise QpipeError(f"{where}: input {name!r} has {axis_name} length {t.shape[axis]}; the model's position "
+                                 f"table holds {limits[axis_name]}")

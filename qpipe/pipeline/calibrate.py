@@ -163,7 +163,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
     source = as_source(data)
     from qpipe import dist
 
-    from .capture import axis_limits, check_fits, example_from
+    from .capture import axis_limits, example_from
 
     rank, _ = dist.init(device)
     torch.manual_seed(recipe.seed)
@@ -172,7 +172,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
         raise QpipeError("calibration data is empty")
     example = example_from(model, first[0])
     limits = axis_limits(model)
-    check_fits(limits, example, {k: {1: "sequence"} for k, v in example.items() if not v.is_floating_point()})
+    inputs.check_lengths(limits, example, {k: {1: "sequence"} for k, v in example.items() if not v.is_floating_point()})
     p = prepare(model, recipe, example)
     try:
         ins, outs = io_specs(p, example, inputs.is_named(first[0]))
@@ -187,7 +187,7 @@ def calibrate(model: nn.Module | str, data, recipe: Recipe | str = "w8a8", out: 
 
         it = source.batches("calib", recipe.calibration.batch_size, recipe.calibration.images)
         for x, y in tqdm(it, desc="calibrate", unit="batch", disable=None if progress else True, leave=False):
-            check_fits(limits, x, dynamic)
+            inputs.check_lengths(limits, x, dynamic)
             yield inputs.to(x, dev), y
 
     weight_info = quantize_weights(p, recipe)

@@ -150,17 +150,6 @@ def axis_limits(model: nn.Module) -> dict[str, int]:
     return {"sequence": int(n)}
 
 
-def check_fits(limits: dict[str, int], x, dynamic: dict[str, dict[int, str]], where: str = "data") -> None:
-    """Refuse a batch whose named axes (``dynamic``: input -> {axis: name}) exceed ``limits``."""
-    from qpipe import inputs
-
-    for name, t in inputs.items(x):
-        for axis, axis_name in dynamic.get(name, {}).items():
-            if axis_name in limits and axis < t.ndim and t.shape[axis] > limits[axis_name]:
-                raise QpipeError(f"{where}: input {name!r} has {axis_name} length {t.shape[axis]}; the model's position "
-                                 f"table holds {limits[axis_name]}")
-
-
 def capture(model: nn.Module, exclude=(), example: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
     """The traced, normalised graph of ``model`` (see the module docstring). ``example``: its inputs by name, for
     the torch.export path (a ``transformers`` model gets them from its config when not given)."""

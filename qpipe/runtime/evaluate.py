@@ -109,10 +109,10 @@ def _check_batch(specs, x, limits: dict[str, int], data: str) -> None:
             continue
         if sp.is_integer and t.is_floating_point():
             raise QpipeError(f"data {data}: input {name!r} holds floats ({t.dtype}); the model takes {sp.dtype} there")
-        for axis, axis_name in sp.dynamic.items():
-            if axis_name in limits and axis < t.ndim and t.shape[axis] > limits[axis_name]:
-                raise QpipeError(f"data {data}: input {name!r} has {axis_name} length {t.shape[axis]}; the model's "
-                                 f"position table holds {limits[axis_name]}")
+    dynamic = {s.name: s.dynamic for s in specs}
+    if len(specs) == 1:   # one input: whatever the data calls it
+        dynamic = {name: specs[0].dynamic for name, _ in inputs.items(x)}
+    inputs.check_lengths(limits, x, dynamic, f"data {data}")
 
 
 def _fp32_reference(art: Artifact | None, onnx_path: Path, fmt: str, device: str, threads):
