@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import fx, nn
 
 from qpipe.kinds import REGISTRY, Kind
 from qpipe.recipe import FLOAT_BITS, Recipe, load_recipe
 
 from .capture import _owner
-from .qmodel import ActQuant, _IntOpMixin, kind_of, prepare
+from .qmodel import ActQuant, _in_excluded, _IntOpMixin, embedding_bits, kind_of, prepare
 
 POINT_KINDS = tuple(k for k, spec in REGISTRY.items() if spec.label is not None)
 
@@ -69,6 +70,14 @@ def _output_quantizer(node: fx.Node, modules) -> str:
     return "float"
 
 
+def _integer(node: fx.Node) -> str | None:
+    """``name (int64)`` for an integer tensor (token ids, positions: read as they are), else None."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+        return f"{node.name} ({str(val.dtype).removeprefix('torch.')})"
+    return None
+
+
 def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list[dict]:
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     p = prepare(copy.deepcopy(model), r)
@@ -76,7 +85,9 @@ def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list
     rows = []
     for node in p.gm.graph.nodes:
         k = kind_of(node, modules)
-        if node.op == "call_module" and node.target in r.exclude:
+        if _in_excluded(node, r.exclude):
+            if node.op != "call_module" or k not in (Kind.LAYER, Kind.EMBEDDING):
+                continue   # an op inside a float module: not a quantization point
             k = Kind.EXCLUDED
         if k not in POINT_KINDS or (k == Kind.INPUT and not node.users):
             continue
@@ -92,11 +103,13 @@ def quantization_points(model: nn.Module, recipe: Recipe | str = "w8a8") -> list
         elif k == Kind.LAYER and node.target in p.layers:
             b = p.weight_bits[node.target]
             weight = None if b == FLOAT_BITS else b
+        elif k == Kind.EMBEDDING and node.target in p.embeddings:
+            weight = embedding_bits(r)
         tensors = [a for a in node.args if isinstance(a, fx.Node)] if k not in (Kind.INPUT, Kind.CAT) else (
             [a for a in node.args[0]] if k == Kind.CAT else [])
         owner = _owner(node)
         name = node.target if node.op == "call_module" else (f"{owner}.{node.name}" if owner else node.name)
-        inputs = [_input_quantizer(a, modules) for a in tensors]
+        inputs = [_integer(a) or _input_quantizer(a, modules) for a in tensors]
         row = {"name": name, "module": owner, "op": op, "inputs": inputs,
                "output": _output_quantizer(node, modules), "weight_bits": weight}
         if k == Kind.LAYER and r.quantizes_activations and inputs and inputs[0] == "float":
