@@ -312,8 +312,14 @@ def load_int_model(artifact: Artifact | str | Path, model: nn.Module | None = No
 
 
 def load_quantized_from(model: nn.Module, art: Artifact) -> fx.GraphModule:
+    from .capture import example_from
+
     recipe = art.recipe
-    p = prepare(model, recipe)
+    specs = art.record.input_specs()
+    dummies = inputs.dummy_inputs(specs)   # captured again as calibrate captured it (torch.export needs inputs)
+    single = len(specs) == 1 and specs[0].name == inputs.SINGLE
+    example = example_from(model, dummies[0]) if single else dict(zip([s.name for s in specs], dummies, strict=True))
+    p = prepare(model, recipe, example)
     try:
         state = load_file(str(art.file("quantized.safetensors")))
     except Exception as e:

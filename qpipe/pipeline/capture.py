@@ -63,10 +63,10 @@ class Tracer(fx.Tracer):
 
 def _problem(e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "iterate" in msg.lower() or "len(" in msg:   # fx's iteration message mentions control flow too: first
+        return f"iteration over a tensor or len() of one ({msg[:120]})"
     if "control flow" in msg or "bool" in msg.lower() and "proxy" in msg.lower():
         return "data-dependent control flow (if / while / bool() on a tensor)"
-    if "iterate" in msg.lower() or "len(" in msg:
-        return f"iteration over a tensor or len() of one ({msg[:120]})"
     return f"{type(e).__name__}: {msg[:160]}"
 
 

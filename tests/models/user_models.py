@@ -191,3 +191,22 @@ def masked_encoder():
 
 def gated_net():
     return GatedNet()
+
+
+class ShapeUnpack(nn.Module):
+    """Spreads a shape into a call (``reshape(*y.shape[:2], -1)``, as Hugging Face attention does): torch.fx cannot
+    iterate a traced shape; torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.fc(y.reshape(*y.shape[:2], -1).mean(-1))
+
+
+def shape_unpack():
+    torch.manual_seed(0)
+    return ShapeUnpack()

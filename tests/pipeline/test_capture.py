@@ -153,3 +153,14 @@ def test_exclude_unknown_module():
         capture(build_model("digits-cnn"), exclude=["nope"])
     with pytest.raises(QpipeError, match="exclude must be a list of module names"):
         load_recipe("w8a8", ["exclude=3"])
+
+
+def test_iterating_a_shape_is_named_as_such_and_calibrate_goes_on_through_torch_export(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", "--model", user_model("shape_unpack"))
+    assert_one_line_error(code, err, "iteration over a tensor")   # not mistaken for control flow
+    out = tmp_path / "art"
+    code, _, err = run_cli(capsys, "calibrate", "--model", user_model("shape_unpack"), "--out", str(out))
+    assert_ok(code, err)   # with the data's first batch as the example, torch.export captures it
+    assert_ok(*run_cli(capsys, "export", str(out))[::2])
+    m = qpipe.evaluate(str(out), latency=False, progress=False)
+    assert m["parity"]["max_abs_diff_steps"] <= 2 and m["parity"]["top1_agreement"] >= PARITY_TOP1
