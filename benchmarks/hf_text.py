@@ -157,8 +157,8 @@ def ort_quantizers(fp32: Path, work: Path, calib: dict[str, np.ndarray]) -> dict
     logging.getLogger().setLevel(logging.ERROR)
     out = {}
     pre = work / "fp32.pre.onnx"
-    if not pre.is_file():
-        quant_pre_process(str(fp32), str(pre))
+    if not pre.is_file():   # its symbolic shape inference does not finish on this graph; ONNX's own does
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     dyn = work / "ort-dynamic.onnx"
     t = time.perf_counter()
     if not dyn.is_file():

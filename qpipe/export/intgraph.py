@@ -89,6 +89,14 @@ class Weight:
     transposed: bool = False
 
 
+def _narrowest(lo: int, hi: int):
+    """The smallest NumPy integer type holding [lo, hi]."""
+    for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return t
+    return np.int64
+
+
 _ONNX_TABLES = {"Gelu": "gelu", "Tanh": "tanh", "Sigmoid": "sigmoid", "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid",
                 "Elu": "elu", "LeakyRelu": "leaky_relu"}
 FLOAT = "float"    # the float graph input
@@ -403,8 +411,10 @@ class IntGraph:
         _, gr, bounds, chain = self.quantizer_after(node.output[0])
         lo, hi = clip_range(gr, bounds)
         table = embedding_table(w, np.asarray(rec.scale, np.float64), gr.scale, gr.zero_point, lo, hi)
-        y = self.node("Gather", [self.const(table, base=f"{layer}_table"), self.tensor(node.input[1])], "embedding",
-                      **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        narrow = _narrowest(lo, hi)   # stored in the grid's own width (int8 for 8 bits), widened after the Gather
+        rows = self.node("Gather", [self.const(table, narrow, base=f"{layer}_table"), self.tensor(node.input[1])],
+                         "embedding", **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        y = self.node("Cast", [rows], "embedding_i64", to=TensorProto.INT64)
         self.env[node.output[0]], self.meta[node.output[0]] = y, gr
         self.fold(chain, y, gr)
 

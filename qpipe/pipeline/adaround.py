@@ -340,10 +340,16 @@ def _grid(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def channel_axis(x: torch.Tensor) -> int:
+    """The channel (feature) axis of a unit's output: 1 for N x C (x H x W), the last for a token sequence
+    N x L x D (a Linear on a transformer's tokens), where dimension 1 is the token axis."""
+    return -1 if x.ndim == 3 else 1
+
+
 def recon_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1), averaged over batch and positions, as BRECQ's lp_loss: the
+    """Squared error summed over channels, averaged over batch and positions (tokens), as BRECQ's lp_loss: the
     scale against which lambda = 0.01 times the summed regulariser is balanced."""
-    return (out - target).pow(2).sum(1).mean()
+    return (out - target).pow(2).sum(channel_axis(out)).mean()
 
 
 @torch.no_grad()
@@ -407,7 +413,7 @@ class _ChainLoss(torch.autograd.Function):
             keep = inside if keep is None else keep.logical_and_(inside)
         d.sub_(t)
         flat = _flat(d)
-        positions = d.numel() // d.shape[1]
+        positions = d.numel() // d.shape[channel_axis(d)]
         ctx.save_for_backward(d, keep)
         ctx.positions = positions
         return torch.dot(flat, flat) / positions

@@ -293,7 +293,8 @@ def check(artifact: str | Path | Artifact, expect: str | Path | None = None) -> 
             exp = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise QpipeError(f"expectation file {expect} is not valid JSON: {e}") from e
-    mfile = exp.get("metrics_file", "metrics-ort-qdq.json" if qdq.is_file() else "metrics-ort-fp32.json")
+    main = next((f for f in ("qdq", "int") if art.file(f"model.{f}.onnx").is_file()), "fp32")   # evaluate's default
+    mfile = exp.get("metrics_file", f"metrics-ort-{main}.json")
     int_metrics = art.file("metrics-ort-int.json")
     if art.file("model.int.onnx").is_file() and int_metrics.is_file() and mfile != int_metrics.name:
         m_int = art.read_json(int_metrics.name)
