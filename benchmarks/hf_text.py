@@ -14,8 +14,9 @@ that ships with the interpreter); the held-out test set is the 64 sentences of `
 written for this benchmark and used for nothing else. Both are tokenized with the model's own tokenizer.json
 (``tokenizers``), padded to the longest sentence of their set (calibration and test lengths differ).
 
-Variants: FP32 (the artifact's float graph), onnxruntime ``quantize_dynamic`` (int8 weights, dynamic uint8
-activations: its recommended mode for transformers) and ``quantize_static`` (QDQ, per-channel int8 weights, uint8
+Variants: FP32 (the artifact's float graph), onnxruntime ``quantize_dynamic`` (per-channel int8 weights, dynamic
+uint8 activations: its recommended mode for transformers; after ``quant_pre_process``, without which it leaves the
+MatMuls float) and ``quantize_static`` (QDQ, per-channel int8 weights, uint8
 activations, MinMax, on the same FP32 ONNX file and the same calibration sentences), qpipe ``w8a8`` (16-bit
 residual stream, chosen for LayerNorm blocks), the same with MSE activation ranges, ``w8a8`` with an 8-bit
 residual stream, ``w8a8-int`` (the integer-only graph, with I-ViT's ShiftGELU and with the model's erf-GELU as a
@@ -161,8 +162,8 @@ def ort_quantizers(fp32: Path, work: Path, calib: dict[str, np.ndarray]) -> dict
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     dyn = work / "ort-dynamic.onnx"
     t = time.perf_counter()
-    if not dyn.is_file():
-        quantize_dynamic(str(pre), str(dyn), weight_type=QuantType.QInt8)
+    if not dyn.is_file():   # per channel: 0.993 cosine here against 0.966 per tensor, at the same speed
+        quantize_dynamic(str(pre), str(dyn), weight_type=QuantType.QInt8, per_channel=True)
     out["onnxruntime quantize_dynamic"] = (dyn, time.perf_counter() - t)
 
     class Reader(CalibrationDataReader):
