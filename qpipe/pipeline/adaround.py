@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from qpipe.artifact import write_atomic, write_json
@@ -271,6 +270,8 @@ class Stream:
         self.kept: dict[fx.Node, Cache] = {ph: Cache.wrap(x) for ph, x in graph_inputs(gm, images).items()}
         self.inputs = set(self.kept)   # the calibration inputs (images; token ids and masks): always kept
         self.files = 0
+        # the attention mask (N x L), where the data has one: padded tokens are not reconstructed
+        self.mask = images.get("attention_mask") if is_named(images) else None
 
     def first_rows(self) -> tuple[torch.Tensor, ...]:
         """One sample of every graph input, in placeholder order (for shape propagation)."""
@@ -346,20 +347,40 @@ def channel_axis(x: torch.Tensor) -> int:
     return -1 if x.ndim == 3 else 1
 
 
-def recon_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def recon_loss(out: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error summed over channels, averaged over batch and positions (tokens), as BRECQ's lp_loss: the
-    scale against which lambda = 0.01 times the summed regulariser is balanced."""
-    return (out - target).pow(2).sum(channel_axis(out)).mean()
+    scale against which lambda = 0.01 times the summed regulariser is balanced. ``keep``: the tokens that count
+    (N x L, an attention mask; padding is not reconstructed)."""
+    per = (out - target).pow(2).sum(channel_axis(out))
+    if keep is None:
+        return per.mean()
+    return (per * keep).sum() / keep.sum().clamp(min=1)
+
+
+def token_keep(mask: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask (N x L, as float) where ``y`` is a token sequence N x L x D it fits, else None."""
+    if mask is None or y.ndim != 3 or tuple(y.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.to(y.dtype)
 
 
 @torch.no_grad()
-def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device) -> float:
-    tot = 0.0
+def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device, mask: torch.Tensor | None = None) -> float:
+    """Mean squared error of the unit's output over the calibration set (the tokens ``mask`` keeps)."""
+    tot = count = 0.0
     with mode(seg, "quant"):
         for i in range(0, n, batch):
             idx = torch.arange(i, min(i + batch, n))
-            tot += float(F.mse_loss(seg(inputs.get(idx).to(device)), targets.get(idx).to(device), reduction="sum"))
-    return tot / (n * int(np.prod(targets.data.shape[1:])))
+            t = targets.get(idx).to(device)
+            d = (seg(inputs.get(idx).to(device)) - t).pow(2)
+            keep = token_keep(mask[idx].to(device) if mask is not None else None, t)
+            if keep is not None:
+                d = d * keep.unsqueeze(-1)
+                count += float(keep.sum()) * t.shape[-1]
+            else:
+                count += d.numel()
+            tot += float(d.sum())
+    return tot / max(count, 1.0)
 
 
 @contextlib.contextmanager
@@ -401,7 +422,7 @@ class _ChainLoss(torch.autograd.Function):
     equal the op-by-op form (the gradient passes where the clamp and the quantizer grid keep the value)."""
 
     @staticmethod
-    def forward(ctx, y, t, lo, hi, q):
+    def forward(ctx, y, t, lo, hi, q, tokens=None):
         c = y if lo is None and hi is None else torch.clamp(y, lo, hi)
         if q is not None:
             scale, zp, qmin, qmax = q
@@ -412,19 +433,22 @@ class _ChainLoss(torch.autograd.Function):
             inside = c == y
             keep = inside if keep is None else keep.logical_and_(inside)
         d.sub_(t)
-        flat = _flat(d)
         positions = d.numel() // d.shape[channel_axis(d)]
+        if tokens is not None:   # tokens outside the attention mask are not reconstructed
+            d.mul_(tokens.unsqueeze(-1))
+            positions = max(float(tokens.sum()), 1.0)
+        flat = _flat(d)
         ctx.save_for_backward(d, keep)
         ctx.positions = positions
         return torch.dot(flat, flat) / positions
 
     @staticmethod
     def backward(ctx, g):
-        d, keep = ctx.saved_tensors
+        d, keep = ctx.saved_tensors   # d is zero outside the token mask already
         grad = d * (2.0 * g / ctx.positions)
         if keep is not None:
             grad.mul_(keep)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -442,12 +466,12 @@ class Tail:
     hi: float | None
     quantizer: ActQuant | None
 
-    def loss(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(self, y: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         aq = self.quantizer
         q = None
         if aq is not None and aq.scale > 0 and aq.qstate.active(aq.qname):
             q = (float(aq.scale), int(aq.zero_point), aq.spec.qmin, aq.spec.qmax)
-        return _ChainLoss.apply(y, t, self.lo, self.hi, q)
+        return _ChainLoss.apply(y, t, self.lo, self.hi, q, tokens)
 
 
 def _tail(gm, unit: Unit) -> Tail | None:
@@ -479,14 +503,16 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(seg, inputs: Cache, targets: Cache, weights: list[AdaRoundWeight], a, beta: float | None,
-               gen: torch.Generator, device, opt, opt_s=None, tail: Tail | None = None):
+               gen: torch.Generator, device, opt, opt_s=None, tail: Tail | None = None,
+               mask: torch.Tensor | None = None):
     """One reconstruction step on a random minibatch: recon loss + lambda * regulariser (off while beta is None),
     backward, Adam on V (and on the LSQ steps). Returns (rec, reg, beta) as tensors / float. With ``tail``,
     ``seg`` computes the layer alone and the tail's fused loss does the rest."""
     n = len(inputs.data)
     idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
     x, t = _fast_layout(inputs.get(idx).to(device)), _fast_layout(targets.get(idx).to(device))
-    rec = tail.loss(seg(x), t) if tail is not None else recon_loss(seg(x), t)
+    keep = token_keep(mask[idx].to(device) if mask is not None else None, t)
+    rec = tail.loss(seg(x), t, keep) if tail is not None else recon_loss(seg(x), t, keep)
     reg = a.reg_weight * sum(regularizer(w.v, beta) for w in weights) if beta is not None \
         else torch.zeros((), device=device)
     opt.zero_grad()
@@ -586,7 +612,7 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
         seg = segment_module(gm, unit.start, unit.nodes)
         inputs, targets = qstream.value(unit.start), fstream.value(unit.end)
         n = qstream.n
-        before = _mse(seg, inputs, targets, n, 64, device)
+        before = _mse(seg, inputs, targets, n, 64, device, qstream.mask)
         nearest = {name: gm.get_submodule(name).weight_int.clone() for name in unit.layers}
         tail = _tail(gm, unit) if a.granularity == "layer" and not a.lsq else None
         step_seg = segment_module(gm, unit.start, unit.nodes[:1]) if tail is not None else seg
@@ -602,7 +628,7 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
             with mode(gm, "quant"):
                 for t in bar:
                     rec, reg, beta = train_step(step_seg, inputs, targets, list(ada.values()), a, sched(t), gen,
-                                                device, opt, opt_s, tail)
+                                                device, opt, opt_s, tail, qstream.mask)
                     if opt_s:
                         sched_s.step()
                         for s in lsq:
@@ -622,7 +648,7 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
                 changed += int((m.weight_int != nearest[name]).sum())
                 total += q.numel()
         _sync_shared(p)
-        after = _mse(seg, inputs, targets, n, 64, device)
+        after = _mse(seg, inputs, targets, n, 64, device, qstream.mask)
         qstream.release(unit.start)
         fstream.release(unit.end)
         info = {"unit": unit.name, "layers": unit.layers, "mse_before": before, "mse_after": after,
