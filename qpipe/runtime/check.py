@@ -52,8 +52,8 @@ PARITY_MAX_STEPS = 2
 # matmuls in its own float order (the optimised one also requantises inside MatMulIntegerToFloat / QLinearMatMul
 # and runs DQ -> Softmax -> Q as the lookup table QLinearSoftmax), and a value within float32 noise of a rounding
 # tie lands on either side. On a fine grid (the 16-bit residual stream: a step is 2^-15 of its range) that happens
-# to a few % of the values, and each block carries the moves on: a real 6-layer BERT's validation session is 11
-# output steps from the PyTorch Q-model on real tokens. The ceiling is derived on the artifact itself, from the
+# to a few % of the values, and each block carries the moves on: a real 6-layer BERT's validation session is 17
+# output steps from the PyTorch Q-model on real tokens, and onnxruntime's own two sessions are 19 apart. The ceiling is derived on the artifact itself, from the
 # same inputs: PyTorch is a third float order, so it may be as far from a session as onnxruntime's own optimised
 # and validation sessions are from each other (the model's amplification of float-order ties, measured), plus the
 # PARITY_MAX_STEPS of Q/DQ ties. A wrong op (not float noise) lands far beyond it. The integer graph must be exact.
