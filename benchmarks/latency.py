@@ -168,6 +168,25 @@ def time_alternated(sessions: dict[str, ort.InferenceSession], x, warmup: int, r
                 "min_ms": min(v), "runs": len(v), "warmup": warmup} for n, v in ms.items()}
 
 
+def alternated_by_batch(sessions: dict[str, ort.InferenceSession], batches: dict[int, object], warmup: int,
+                        runs: int) -> dict[str, dict]:
+    """``time_alternated`` at each batch size (``{size: input}``), with every row's speed-up against "FP32"."""
+    out = {}
+    for bs, x in batches.items():
+        res = time_alternated(sessions, x, warmup, runs)
+        for label in res:
+            res[label]["vs_fp32"] = res["FP32"]["median_ms"] / res[label]["median_ms"]
+        out[str(bs)] = res
+    return out
+
+
+def write_result(out: Path, stem: str, result: dict, md: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` in ``out``; the table is printed too."""
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+
+
 def parity(art: Artifact, x: np.ndarray, threads: int, fmt: str = "qdq") -> dict:
     """Fully optimised session against the validation session on the same images, in output steps."""
     q = json.load(open(art.file("qparams.json")))

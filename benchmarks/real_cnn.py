@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "models"))
 
-from latency import machine_info, op_census, time_alternated  # noqa: E402
+from latency import alternated_by_batch, machine_info, op_census, write_result  # noqa: E402
 
 MODEL_SPEC = str(HERE / "models" / "efficientnet_lite0.py") + ":build"
 SIZE = 224
@@ -260,20 +260,11 @@ def main(argv=None) -> int:
     from qpipe.runtime.session import make_session
 
     sessions = {label: make_session(p, optimized=True, threads=args.threads) for label, p in files.items()}
-    latency = {}
-    for bs in (1, 8):
-        res = time_alternated(sessions, x_test[:bs], args.warmup, args.runs)
-        for label in res:
-            res[label]["vs_fp32"] = res["FP32"]["median_ms"] / res[label]["median_ms"]
-        latency[bs] = res
+    latency = alternated_by_batch(sessions, {1: x_test[:1], 8: x_test[:8]}, args.warmup, args.runs)
     info["loadavg_end"] = list(os.getloadavg())
     result = {"machine": info, "data": data_info, "adaround_iters": args.adaround_iters, "rows": rows,
-              "latency": {str(k): v for k, v in latency.items()}, "runs": args.runs,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (out / "real_cnn.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = markdown(result)
-    (out / "real_cnn.md").write_text(md)
-    print(md)
+              "latency": latency, "runs": args.runs, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_result(out, "real_cnn", result, markdown(result))
     return 0
 
 
