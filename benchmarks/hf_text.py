@@ -159,7 +159,12 @@ def ort_quantizers(fp32: Path, work: Path, calib: dict[str, np.ndarray]) -> dict
     out = {}
     pre = work / "fp32.pre.onnx"
     if not pre.is_file():   # its symbolic shape inference does not finish on this graph; ONNX's own does
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        cwd = os.getcwd()
+        os.chdir(work)   # it leaves a <uuid>.data file of external weights in the working directory
+        try:
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        finally:
+            os.chdir(cwd)
     dyn = work / "ort-dynamic.onnx"
     t = time.perf_counter()
     if not dyn.is_file():   # per channel: 0.993 cosine here against 0.966 per tensor, at the same speed
