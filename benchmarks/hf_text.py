@@ -160,9 +160,9 @@ def ort_quantizers(fp32: Path, work: Path, calib: dict[str, np.ndarray]) -> dict
     pre = work / "fp32.pre.onnx"
     if not pre.is_file():   # its symbolic shape inference does not finish on this graph; ONNX's own does
         cwd = os.getcwd()
-        os.chdir(work)   # it leaves a <uuid>.data file of external weights in the working directory
+        os.chdir(work.resolve())   # it leaves a <uuid>.data file of external weights in the working directory
         try:
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            quant_pre_process(str(fp32.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
         finally:
             os.chdir(cwd)
     dyn = work / "ort-dynamic.onnx"
