@@ -157,12 +157,13 @@ def ort_quantizers(fp32: Path, work: Path, calib: dict[str, np.ndarray]) -> dict
 
     logging.getLogger().setLevel(logging.ERROR)
     out = {}
+    work, fp32 = work.resolve(), fp32.resolve()   # absolute: the preprocessing runs inside ``work``
     pre = work / "fp32.pre.onnx"
     if not pre.is_file():   # its symbolic shape inference does not finish on this graph; ONNX's own does
         cwd = os.getcwd()
-        os.chdir(work.resolve())   # it leaves a <uuid>.data file of external weights in the working directory
+        os.chdir(work)   # it leaves a <uuid>.data file of external weights in the working directory
         try:
-            quant_pre_process(str(fp32.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         finally:
             os.chdir(cwd)
     dyn = work / "ort-dynamic.onnx"
