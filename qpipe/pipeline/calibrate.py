@@ -77,7 +77,8 @@ def io_specs(p: Prepared, example: dict[str, torch.Tensor], named: bool) -> tupl
 
 
 def _np_dtype(t: torch.Tensor) -> str:
-    return str(t.detach()[:0].cpu().numpy().dtype)
+    """``float32``, ``int64``, ...: the name NumPy and torch share."""
+    return str(t.dtype).removeprefix("torch.")
 
 
 def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float], input_shape,

@@ -318,6 +318,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
     names = [i.name for i in sess.get_inputs()] if sess is not None else None
     out_names = [o.name for o in sess.get_outputs()] if sess is not None else None
     reference = _fp32_reference(art, onnx_path, fmt, device, threads)
+    ref_names = [i.name for i in reference.get_inputs()] if reference is not None else None
     rec = art.record if art is not None else None
 
     tally = Tally(parity_masked=fmt != "int")
@@ -326,8 +327,9 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
     for x, y in tqdm(it, desc=f"evaluate {backend}", unit="batch", disable=None if progress else True, leave=False):
         if rec is not None:
             _check_batch(rec.input_specs(), x, rec.axis_limits, data)
-        ort_out = sess.run(None, inputs.feed(x, names)) if sess else None
-        ort_fast = fast.run(None, inputs.feed(x, names)) if fast else None
+        feed = inputs.feed(x, names) if sess else None
+        ort_out = sess.run(None, feed) if sess else None
+        ort_fast = fast.run(None, feed) if fast else None
         torch_out = exact_out = None
         if qmodel is not None:
             with torch.no_grad():
@@ -336,8 +338,7 @@ def evaluate(target: str | Path, data=None, backend: str = "ort", device: str = 
                 exact_out = [t.float().cpu().numpy() for t in inputs.outputs(inputs.call(exact, xd))] \
                     if exact is not None else torch_out
         main = ort_out if backend == "ort" else torch_out
-        ref = reference.run(None, inputs.feed(x, [i.name for i in reference.get_inputs()])) \
-            if reference is not None else None
+        ref = reference.run(None, inputs.feed(x, ref_names)) if reference is not None else None
         mask = x.get("attention_mask") if inputs.is_named(x) else None
         masked = masked or mask is not None
         tally.add(main, ort_fast, torch_out, exact_out, ort_out, ref, None if y is None else y.numpy(),
