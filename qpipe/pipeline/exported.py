@@ -282,11 +282,31 @@ def normalise(gm: fx.GraphModule) -> fx.GraphModule:
         elif t in _METHODS:
             _replace(g, node, "call_method", _METHODS[t], node.args, node.kwargs)
     _additive_masks(g)
+    _follow_input_device(g)
     _drop_unused_attrs(gm)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
     return gm
+
+
+def _follow_input_device(g: fx.Graph) -> None:
+    """Export writes the device it traced on into every tensor it creates (``arange(n, device=cpu)``, masks
+    moved ``to(cpu)``); those follow the first input's device instead, so the model runs where it is moved."""
+    places = [n for n in g.nodes if n.op == "placeholder"]
+    if not places:
+        return
+    first, dev = places[0], None
+    for node in list(g.nodes):
+        has = [k for k, v in node.kwargs.items() if isinstance(v, torch.device)]
+        pos = [i for i, v in enumerate(node.args) if isinstance(v, torch.device)]
+        if not has and not pos:
+            continue
+        if dev is None:
+            with g.inserting_after(places[-1]):
+                dev = g.call_function(getattr, (first, "device"))
+        node.kwargs = {k: (dev if k in has else v) for k, v in node.kwargs.items()}
+        node.args = tuple(dev if i in pos else v for i, v in enumerate(node.args))
 
 
 def _dtype(node) -> torch.dtype | None:

@@ -425,8 +425,8 @@ class _IntOpMixin:
             out_scale = 2.0**-OUT_BITS if self.kind == "softmax" else s_in * 2.0**-OUT_BITS
             return dataclasses.replace(rec, x0=x0, output_scale=out_scale)
         d = self.normalized_shape[-1]
-        w = self.weight.detach().double().numpy() if self.weight is not None else [1.0] * d
-        b = self.bias.detach().double().numpy() if self.bias is not None else [0.0] * d
+        w = self.weight.detach().double().cpu().numpy() if self.weight is not None else [1.0] * d
+        b = self.bias.detach().double().cpu().numpy() if self.bias is not None else [0.0] * d
         p = ref.layernorm_params(w, b, float(dst.scale), int(dst.zero_point), dst.spec.qmin, dst.spec.qmax)
         self.ln_m = torch.tensor(p.m, dtype=torch.int64)
         self.ln_k = torch.tensor(p.k, dtype=torch.int64)
