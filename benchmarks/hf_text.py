@@ -99,6 +99,11 @@ def calibration_sentences(n: int) -> list[str]:
     return [out[i] for i in np.linspace(0, len(out) - 1, n).round().astype(int)]   # spread over the modules
 
 
+def sentences_file(name: str) -> list[str]:
+    """The non-empty lines of ``benchmarks/data/NAME``: one sentence each."""
+    return [s for s in (HERE / "data" / name).read_text().splitlines() if s.strip()]
+
+
 def tokenize(folder: Path, sentences: list[str]) -> dict[str, np.ndarray]:
     from tokenizers import Tokenizer
 
@@ -220,11 +225,10 @@ def main(argv=None) -> int:
     folder = model_folder(work)
     model_spec = f"hf:{folder}"
     if args.calib_source == "everyday":
-        lines = [s for s in (HERE / "data" / "calibration.txt").read_text().splitlines() if s.strip()]
-        calib = tokenize(folder, lines[:args.calib or None])
+        calib = tokenize(folder, sentences_file("calibration.txt")[:args.calib or None])
     else:
         calib = tokenize(folder, calibration_sentences(args.calib or 256))
-    test_sentences = [s for s in (HERE / "data" / "sentences.txt").read_text().splitlines() if s.strip()]
+    test_sentences = sentences_file("sentences.txt")
     test = tokenize(folder, test_sentences)
     npz = work / "sentences.npz"
     np.savez(npz, **{f"{k}_train": v for k, v in calib.items()}, **{f"{k}_test": v for k, v in test.items()})
