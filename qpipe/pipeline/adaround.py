@@ -3,10 +3,15 @@ arXiv:2102.05426) with LSQ activation step sizes (Esser et al., ICLR 2020, arXiv
 
 Units (``adaround.granularity``) are pieces of the traced graph, reconstructed in graph order:
 ``layer`` (a Conv/Linear with its BN/ReLU and output quantizer), ``block`` (the segment between two cut points
-of the graph: a node every later node reaches only through it, e.g. the output of a residual block),
-``encoder`` (consecutive blocks sharing a two-level module prefix, e.g. ``blocks.3``) and ``model``.
+of the graph: a node every later node reaches only through it, e.g. the output of a residual block or of a
+transformer's attention or MLP half), ``encoder`` (consecutive blocks of one numbered module, e.g. ``blocks.3`` or
+``encoder.layer.3``) and ``model``.
 The input of a unit comes from the quantized model (earlier units already hardened), its target from the float
 model; both are computed once and cached (in memory up to a budget, then memory-mapped files).
+
+Side values: what the graph computes from its integer inputs alone (a transformer's attention mask and the
+sequence length its reshapes read) reaches every block, so no node would cut the graph if those edges counted.
+They do not: a unit reads them as extra inputs, recomputed from the calibration inputs of each minibatch.
 """
 
 from __future__ import annotations
@@ -103,35 +108,77 @@ class Unit:
     nodes: list[fx.Node]
     layers: list[str] = field(default_factory=list)
     act: list[str] = field(default_factory=list)
+    sides: list[fx.Node] = field(default_factory=list)   # side values the unit reads, after ``start``
 
 
-def cut_points(graph: fx.Graph) -> list[fx.Node]:
-    """Nodes that every later node reaches only through them (no edge jumps over them)."""
+def side_nodes(gm: fx.GraphModule, float_inputs: set[fx.Node] | None = None) -> set[fx.Node]:
+    """The nodes computed from the graph's non-float inputs and constants alone (token ids, an attention mask,
+    shapes, position tables): nothing reaches them from a float input (``float_inputs``; None: every input) or
+    from a module with weights (an embedding, a layer)."""
+    stream: set[fx.Node] = set()
+    side = set()
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        if n.op == "placeholder":
+            root = float_inputs is None or n in float_inputs
+        else:
+            m = _module(gm, n)
+            root = isinstance(getattr(m, "weight", None), torch.Tensor)
+        if root or any(a in stream for a in n.all_input_nodes):
+            stream.add(n)
+        else:
+            side.add(n)
+    return side
+
+
+def cut_points(graph: fx.Graph, sides: set[fx.Node] = frozenset()) -> list[fx.Node]:
+    """Nodes that every later node reaches only through them (no edge jumps over them); edges from ``sides``
+    (values recomputed from the inputs) do not count, and a side value is no cut."""
     nodes = [n for n in graph.nodes if n.op != "output"]
     idx = {n: i for i, n in enumerate(nodes)}
     suffix = [math.inf] * (len(nodes) + 1)
     for i in range(len(nodes) - 1, -1, -1):
-        first_in = min((idx[a] for a in nodes[i].all_input_nodes if a in idx), default=math.inf)
+        first_in = min((idx[a] for a in nodes[i].all_input_nodes if a in idx and a not in sides), default=math.inf)
         suffix[i] = min(suffix[i + 1], first_in)
-    return [n for i, n in enumerate(nodes) if suffix[i + 1] >= i]
+    return [n for i, n in enumerate(nodes) if suffix[i + 1] >= i and n not in sides]
+
+
+def _encoder_key(layer: str) -> str:
+    """The numbered module a layer belongs to: ``blocks.3.attn.qkv`` -> ``blocks.3``, ``encoder.layer.3.output.dense``
+    -> ``encoder.layer.3``; the first two levels where no level is a number."""
+    parts = layer.split(".")
+    num = next((i for i, q in enumerate(parts) if q.isdigit()), None)
+    return ".".join(parts[: num + 1] if num is not None else parts[:2])
 
 
 def _module(gm, node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def find_units(p: Prepared, granularity: str) -> list[Unit]:
+def find_units(p: Prepared, granularity: str, float_inputs: set[fx.Node] | None = None) -> list[Unit]:
+    """The units in graph order. ``float_inputs``: the placeholders that carry float data (None: all of them);
+    what the others compute alone is a side value (see the module's docstring)."""
     gm = p.gm
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     out_value = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    sides = side_nodes(gm, float_inputs)
 
     def describe(unit: Unit) -> Unit:
+        inside = set(unit.nodes)
+        reads = {}
         for n in unit.nodes:
             m = _module(gm, n)
             if isinstance(m, (QConv2d, QLinear)) and m.weight_int is not None:
                 unit.layers.append(n.target)
             if isinstance(m, ActQuant) and m.source is None:
                 unit.act.append(n.target)
+            reads.update({a: None for a in n.all_input_nodes if a not in inside and a is not unit.start})
+        outside = [a for a in reads if a not in sides]
+        if outside:
+            raise QpipeError(f"adaround: unit {unit.name} reads {outside[0].name} from outside it, which is not "
+                             f"computed from the inputs alone; choose another adaround.granularity")
+        unit.sides = list(reads)
         return unit
 
     if granularity == "layer":
@@ -159,9 +206,13 @@ def find_units(p: Prepared, granularity: str) -> list[Unit]:
         return units
 
     if granularity == "model":
-        return [describe(Unit("model", nodes[0], out_value, nodes[1: nodes.index(out_value) + 1]))]
+        if not isinstance(out_value, fx.Node):
+            raise QpipeError("adaround.granularity = model reconstructs one output, and this model has several; "
+                             "choose layer, block or encoder")
+        first = next(i for i, n in enumerate(nodes) if n not in sides)
+        return [describe(Unit("model", nodes[first], out_value, nodes[first + 1: nodes.index(out_value) + 1]))]
 
-    cuts = cut_points(gm.graph)
+    cuts = cut_points(gm.graph, sides)
     idx = {n: i for i, n in enumerate(nodes)}
     segs = []
     for a, b in zip(cuts, cuts[1:], strict=False):
@@ -173,8 +224,8 @@ def find_units(p: Prepared, granularity: str) -> list[Unit]:
     if granularity == "encoder":
         merged: list[Unit] = []
         for u in segs:
-            key = ".".join(u.layers[0].split(".")[:2])
-            if merged and ".".join(merged[-1].layers[0].split(".")[:2]) == key:
+            key = _encoder_key(u.layers[0])
+            if merged and _encoder_key(merged[-1].layers[0]) == key:
                 merged[-1] = describe(Unit(key, merged[-1].start, u.end, merged[-1].nodes + u.nodes))
             else:
                 merged.append(u)
@@ -182,10 +233,13 @@ def find_units(p: Prepared, granularity: str) -> list[Unit]:
     return segs
 
 
-def segment_module(gm: fx.GraphModule, start: fx.Node, nodes: list[fx.Node]) -> fx.GraphModule:
-    """A GraphModule computing ``nodes[-1]`` from the value of ``start`` (sharing gm's modules)."""
+def segment_module(gm: fx.GraphModule, start: fx.Node, nodes: list[fx.Node],
+                   sides: list[fx.Node] = ()) -> fx.GraphModule:
+    """A GraphModule computing ``nodes[-1]`` from the value of ``start`` and the ``sides`` after it (sharing gm's
+    modules)."""
     g = fx.Graph()
     env = {start: g.placeholder("x")}
+    env.update({a: g.placeholder(f"side_{i}") for i, a in enumerate(sides)})
     for n in nodes:
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[nodes[-1]])
@@ -207,6 +261,37 @@ def prefix_module(gm: fx.GraphModule, target: fx.Node) -> fx.GraphModule:
     out.graph.eliminate_dead_code()
     out.recompile()
     return out
+
+
+class SideValues:
+    """The side values a unit reads, for any rows of the calibration inputs (recomputed: they are cheap, and a
+    shape or a constant has no batch axis to cache along)."""
+
+    def __init__(self, gm: fx.GraphModule, sides: list[fx.Node], stream: Stream, device):
+        self.stream, self.device = stream, device
+        self.places = sorted(stream.inputs, key=stream.order.get)
+        self.mod = None
+        if sides:
+            g = fx.Graph()
+            env = {ph: g.placeholder(ph.name) for ph in self.places}
+            need = set()
+            stack = list(sides)
+            while stack:
+                n = stack.pop()
+                if n not in need and n not in env:
+                    need.add(n)
+                    stack.extend(n.all_input_nodes)
+            for n in sorted(need, key=stream.order.__getitem__):
+                env[n] = g.node_copy(n, lambda a: env[a])
+            g.output(tuple(env[a] for a in sides))
+            self.mod = fx.GraphModule(gm, g)
+
+    def get(self, idx: torch.Tensor) -> tuple:
+        if self.mod is None:
+            return ()
+        idx = torch.sort(idx).values   # the rows Cache.get returns, in its order
+        with torch.no_grad():
+            return tuple(self.mod(*[self.stream.kept[ph].get(idx).to(self.device) for ph in self.places]))
 
 
 class Cache:
@@ -365,14 +450,15 @@ def token_keep(mask: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | Non
 
 
 @torch.no_grad()
-def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device, mask: torch.Tensor | None = None) -> float:
+def _mse(seg, inputs: Cache, targets: Cache, n: int, batch: int, device, mask: torch.Tensor | None = None,
+         sides: SideValues | None = None) -> float:
     """Mean squared error of the unit's output over the calibration set (the tokens ``mask`` keeps)."""
     tot = count = 0.0
     with mode(seg, "quant"):
         for i in range(0, n, batch):
             idx = torch.arange(i, min(i + batch, n))
             t = targets.get(idx).to(device)
-            d = (seg(inputs.get(idx).to(device)) - t).pow(2)
+            d = (seg(inputs.get(idx).to(device), *(sides.get(idx) if sides else ())) - t).pow(2)
             keep = token_keep(mask[idx].to(device) if mask is not None else None, t)
             if keep is not None:
                 d = d * keep.unsqueeze(-1)
@@ -504,7 +590,7 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
 
 def train_step(seg, inputs: Cache, targets: Cache, weights: list[AdaRoundWeight], a, beta: float | None,
                gen: torch.Generator, device, opt, opt_s=None, tail: Tail | None = None,
-               mask: torch.Tensor | None = None):
+               mask: torch.Tensor | None = None, sides: SideValues | None = None):
     """One reconstruction step on a random minibatch: recon loss + lambda * regulariser (off while beta is None),
     backward, Adam on V (and on the LSQ steps). Returns (rec, reg, beta) as tensors / float. With ``tail``,
     ``seg`` computes the layer alone and the tail's fused loss does the rest."""
@@ -512,7 +598,8 @@ def train_step(seg, inputs: Cache, targets: Cache, weights: list[AdaRoundWeight]
     idx = torch.sort(torch.randint(0, n, (min(a.batch_size, n),), generator=gen)).values
     x, t = _fast_layout(inputs.get(idx).to(device)), _fast_layout(targets.get(idx).to(device))
     keep = token_keep(mask[idx].to(device) if mask is not None else None, t)
-    rec = tail.loss(seg(x), t, keep) if tail is not None else recon_loss(seg(x), t, keep)
+    y = seg(x, *(sides.get(idx) if sides else ()))
+    rec = tail.loss(y, t, keep) if tail is not None else recon_loss(y, t, keep)
     reg = a.reg_weight * sum(regularizer(w.v, beta) for w in weights) if beta is not None \
         else torch.zeros((), device=device)
     opt.zero_grad()
@@ -543,7 +630,8 @@ def reconstruct(p: Prepared, recipe, images: Batch, workdir: Path, key: str, dev
         shutil.rmtree(workdir)
         workdir.mkdir(parents=True)
     write_json(meta, {"key": key})
-    units = find_units(p, a.granularity)
+    float_inputs = {ph for ph, x in graph_inputs(gm, images).items() if x.is_floating_point()}
+    units = find_units(p, a.granularity, float_inputs)
     sched = BetaSchedule(a.iters, a.warmup, a.beta[0], a.beta[1])
     report = []
     spent: list[float] = []   # seconds of each unit learned in this run (resumed ones are free)
@@ -609,12 +697,13 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
             report.append({**info, "resumed": True})
             continue
         t_unit = time.perf_counter()
-        seg = segment_module(gm, unit.start, unit.nodes)
+        seg = segment_module(gm, unit.start, unit.nodes, unit.sides)
+        sides = SideValues(gm, unit.sides, qstream, device)
         inputs, targets = qstream.value(unit.start), fstream.value(unit.end)
         n = qstream.n
-        before = _mse(seg, inputs, targets, n, 64, device, qstream.mask)
+        before = _mse(seg, inputs, targets, n, 64, device, qstream.mask, sides)
         nearest = {name: gm.get_submodule(name).weight_int.clone() for name in unit.layers}
-        tail = _tail(gm, unit) if a.granularity == "layer" and not a.lsq else None
+        tail = _tail(gm, unit) if a.granularity == "layer" and not a.lsq and not unit.sides else None
         step_seg = segment_module(gm, unit.start, unit.nodes[:1]) if tail is not None else seg
         with attached(p, unit, device, a.lsq) as (ada, lsq):
             opt = torch.optim.Adam([w.v for w in ada.values()], lr=a.lr)
@@ -628,7 +717,7 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
             with mode(gm, "quant"):
                 for t in bar:
                     rec, reg, beta = train_step(step_seg, inputs, targets, list(ada.values()), a, sched(t), gen,
-                                                device, opt, opt_s, tail, qstream.mask)
+                                                device, opt, opt_s, tail, qstream.mask, sides)
                     if opt_s:
                         sched_s.step()
                         for s in lsq:
@@ -648,7 +737,7 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
                 changed += int((m.weight_int != nearest[name]).sum())
                 total += q.numel()
         _sync_shared(p)
-        after = _mse(seg, inputs, targets, n, 64, device, qstream.mask)
+        after = _mse(seg, inputs, targets, n, 64, device, qstream.mask, sides)
         qstream.release(unit.start)
         fstream.release(unit.end)
         info = {"unit": unit.name, "layers": unit.layers, "mse_before": before, "mse_after": after,

@@ -280,3 +280,54 @@ def test_float_gelu_runs_in_the_integer_graph_as_its_exact_table(act, tmp_path):
     assert len(tables) == 1
     metrics = qpipe.evaluate(out, data=batches, model=model, format="int", latency=False, progress=False)
     assert metrics["parity"]["max_abs_diff"] == 0 and metrics["parity_optimized"]["max_abs_diff"] == 0
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert"])
+def test_block_reconstruction_cuts_a_masked_transformer_into_its_halves(name, model_dir, tmp_path):
+    """The attention mask (and the sequence length reshapes read) reach every layer from the inputs; as edges
+    they would leave no cut point, and BRECQ's block and encoder units would be the whole model. They are side
+    values: blocks are the attention and MLP halves, encoders the numbered layers, and each block computes from
+    its input and side values exactly what the model computes there."""
+    from qpipe.models import load_model
+    from qpipe.pipeline import adaround as ada
+    from qpipe.pipeline.capture import example_from
+    from qpipe.pipeline.qmodel import mode, prepare, quantize_weights
+    from qpipe.recipe import load_recipe
+
+    model = load_model(model_dir(name))
+    ids, mask = tokens(6, 10, 0)
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    r = load_recipe("w4a8-brecq")
+    p = prepare(model, r, example_from(model, batch))
+    quantize_weights(p, r)
+    block = ada.find_units(p, "block", set())
+    encoder = ada.find_units(p, "encoder", set())
+    layers = 2   # num_hidden_layers of build()
+    assert [len(u.layers) for u in block][: 2 * layers] == [4, 2] * layers   # q, k, v, out | fc1, fc2
+    assert [len(u.layers) for u in encoder][:layers] == [6] * layers
+    assert block[2].sides and set(block[2].sides) <= ada.side_nodes(p.gm, set())   # the mask, the lengths
+    assert len(ada.find_units(p, "block", None)) < 2 * layers   # the old view, every input a stream: few cuts
+
+    stream = ada.Stream(p.gm, batch, "float", 6, 1 << 30, tmp_path, "cpu", "in")
+    for u in block[:3]:
+        seg = ada.segment_module(p.gm, u.start, u.nodes, u.sides)
+        sides = ada.SideValues(p.gm, u.sides, stream, "cpu")
+        with torch.no_grad(), mode(p.gm, "float"):
+            got = seg(stream.value(u.start).data, *sides.get(torch.arange(6)))
+            want = ada.prefix_module(p.gm, u.end)(*batch.values())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    stream.close()
+
+
+def test_brecq_learns_encoder_units_on_a_masked_transformer(model_dir, tmp_path):
+    """w4a8-brecq at encoder granularity on a BERT with padded sentences: one unit per layer (and the pooler),
+    each reconstructing its float output better than nearest rounding, and the exported graph still matches."""
+    import qpipe
+
+    data = write_data(tmp_path / "d.npz", "bert")
+    art = qpipe.calibrate(model_dir("bert"), data, "w4a8-brecq", tmp_path / "a", progress=False,
+                          overrides=["adaround.granularity=encoder", "adaround.iters=200", "adaround.lr=0.01",
+                                     "calibration.images=24"])
+    report = art.qparams["adaround"]
+    assert [u["unit"] for u in report][:2] == ["encoder.layer.0", "encoder.layer.1"]
+    assert all(u["mse_after"] < u["mse_before"] for u in report[:2]), report
