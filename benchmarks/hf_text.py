@@ -209,6 +209,8 @@ def main(argv=None) -> int:
                                                           "256 for docstrings)")
     ap.add_argument("--adaround-iters", type=int, default=500)
     ap.add_argument("--adaround-lr", type=float, default=0.01)
+    ap.add_argument("--adaround-granularity", choices=["layer", "block", "encoder"], default="layer",
+                    help="AdaRound units: one Linear, an attention or MLP half, or a whole encoder layer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
@@ -246,9 +248,10 @@ def main(argv=None) -> int:
         "qpipe W8A8 integer-only (I-ViT ops)": ("w8a8-int", "w8a8-int", [], "int"),
         "qpipe W8A8 integer-only, GELU table": ("w8a8-int-gelu", "w8a8-int", ["ops.gelu=fp"], "int"),
         "qpipe W4A8 (nearest)": ("w4a8", "w4a8", [], "qdq"),
-        f"qpipe W4A8 AdaRound, {args.adaround_iters} iterations": (
+        f"qpipe W4A8 AdaRound ({args.adaround_granularity} units), {args.adaround_iters} iterations": (
             "w4a8-adaround", "w4a8-adaround", [f"adaround.iters={args.adaround_iters}",
-                                               f"adaround.lr={args.adaround_lr}"], "qdq"),
+                                               f"adaround.lr={args.adaround_lr}",
+                                               f"adaround.granularity={args.adaround_granularity}"], "qdq"),
     }
     results = {}
     for label, (name, recipe, sets, fmt) in variants.items():
