@@ -50,7 +50,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from latency import alternated_by_batch, machine_info, op_census, write_result  # noqa: E402
+from latency import alternated_by_batch, machine_info, op_census, timing_session, write_result  # noqa: E402
 
 MAX_TOKENS = 64
 # standard-library modules whose docstrings give the calibration sentences
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
         elif label in ort_times:
             rows[label]["times"] = {"quantize_s": ort_times[label][1]}
 
-    sessions = {label: make_session(p, optimized=True, threads=args.threads) for label, p in files.items()}
+    sessions = {label: timing_session(p, args.threads) for label, p in files.items()}
     batches = {bs: {k: np.ascontiguousarray(np.resize(v, (bs, v.shape[1]))) for k, v in test.items()} for bs in (1, 32)}
     latency = alternated_by_batch(sessions, batches, args.warmup, args.runs)
     info["loadavg_end"] = list(os.getloadavg())
@@ -310,7 +310,7 @@ def markdown(r: dict) -> str:
              f"{d['calib_sentences']} calibration sentences ({d.get('calib_source', 'docstrings')}, "
              f"{d['calib_tokens']} tokens). CPU: {m['cpu_model']} "
              f"({m['cpu_count']} logical CPUs; flags: {flags}), onnxruntime {m['onnxruntime']}, "
-             f"{m['intra_op_threads']} threads, median of {r['runs']} alternated runs.", "",
+             f"{m['intra_op_threads']} threads that do not spin when idle, median of {r['runs']} alternated runs.", "",
              "Cosine: per-sentence cosine of the sentence embedding (mean pooling) to the FP32 PyTorch model's, in "
              "onnxruntime's fully optimised session; parity: output steps of last_hidden_state against the PyTorch "
              "Q-model (validation / optimised session).", "",

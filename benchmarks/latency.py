@@ -7,7 +7,10 @@ Models: the demo CNN (``digits-cnn`` on ``digits``, 1x8x8, its shipped checkpoin
 224x224, ``synthetic:3x224x224:16``), at batch 1 and 8; the demo ViT (``digits-vit``, shipped checkpoint) and
 ViT-B/16 (random weights) at batch 1: FP32, QDQ with float ops, QDQ with the ai.qpipe integer ops and the
 integer-only graph (``model.int.onnx``, whose ai.qpipe functions onnxruntime inlines into plain integer ops). Every session is fully optimised
-(``make_session(path, optimized=True, threads=N)``: intra-op N threads, inter-op 1). After a warm-up, every
+(``timing_session``: intra-op N threads, inter-op 1, worker threads that sleep rather than spin when idle: with several
+sessions in one process, the threads of the session that just ran would otherwise spin on the cores the next one
+needs, which on 2 cores tripled FP32's median at batch 1 and made the ranking depend on which session ran before
+which). After a warm-up, every
 variant of a model runs once per iteration of ONE loop (the order rotates each iteration), so load drift on the
 machine hits FP32 and the QDQ files alike; we report the median and the 90th percentile of each.
 
@@ -38,6 +41,8 @@ from qpipe.artifact import Artifact
 from qpipe.data import load_data
 from qpipe.runtime.session import make_session
 
+# worker threads sleep when idle: see the module docstring
+NO_SPIN = {"session.intra_op.allow_spinning": "0"}
 RESNET_OVERRIDES = ["calibration.images=16", "calibration.batch_size=8"]
 RECIPES = {"w8a8": "qpipe W8A8 QDQ", "w7a8": "qpipe W7A8 QDQ (|w| <= 64: u8 x s8 kernel)",
            "w4a8": "qpipe W4A8 QDQ"}
@@ -96,6 +101,7 @@ def machine_info(threads: int) -> dict:
         "qpipe": qpipe.__version__,
         "intra_op_threads": threads,
         "inter_op_threads": 1,
+        "session_config": NO_SPIN,
         "graph_optimization": "ORT_ENABLE_ALL",
         "provider": "CPUExecutionProvider",
     }
@@ -144,6 +150,12 @@ def op_census(path: Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     c = collections.Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in m.graph.node)
     return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def timing_session(path, threads: int, optimized_model_path=None) -> ort.InferenceSession:
+    """A fully optimised session for the alternated loops: ``threads`` intra-op threads that do not spin when idle."""
+    return make_session(path, optimized=True, threads=threads, optimized_model_path=optimized_model_path,
+                        config=NO_SPIN)
 
 
 def time_alternated(sessions: dict[str, ort.InferenceSession], x, warmup: int, runs: int) -> dict:
@@ -223,7 +235,7 @@ def run_model(spec: dict, root: Path, args) -> dict:
     sessions = {}
     for label, path in files.items():
         opt_path = root / f"{name}-{Path(path).parent.name}-{Path(path).name}.opt.onnx"
-        sessions[label] = make_session(path, optimized=True, threads=args.threads, optimized_model_path=opt_path)
+        sessions[label] = timing_session(path, args.threads, optimized_model_path=opt_path)
         size = Path(path).stat().st_size
         variants[label] = {"file": str(path.relative_to(root)), "bytes": size, "size_vs_fp32": size / fp32_bytes,
                            "optimized_ops": op_census(opt_path)}

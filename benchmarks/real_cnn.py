@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "models"))
 
-from latency import alternated_by_batch, machine_info, op_census, write_result  # noqa: E402
+from latency import alternated_by_batch, machine_info, op_census, timing_session, write_result  # noqa: E402
 
 MODEL_SPEC = str(HERE / "models" / "efficientnet_lite0.py") + ":build"
 SIZE = 224
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
 
     from qpipe.runtime.session import make_session
 
-    sessions = {label: make_session(p, optimized=True, threads=args.threads) for label, p in files.items()}
+    sessions = {label: timing_session(p, args.threads) for label, p in files.items()}
     latency = alternated_by_batch(sessions, {1: x_test[:1], 8: x_test[:8]}, args.warmup, args.runs)
     info["loadavg_end"] = list(os.getloadavg())
     result = {"machine": info, "data": data_info, "adaround_iters": args.adaround_iters, "rows": rows,
@@ -278,7 +278,7 @@ def markdown(r: dict) -> str:
     lines = [f"EfficientNet-Lite0 (pretrained), {r['data']['test']} test crops of real photos "
              f"({r['data']['classes']} distinct FP32 classes), {r['data']['calib']} calibration crops. CPU: "
              f"{m['cpu_model']} ({m['cpu_count']} logical CPUs; flags: {flags}), onnxruntime {m['onnxruntime']}, "
-             f"{m['intra_op_threads']} threads, median of {r['runs']} alternated runs.", "",
+             f"{m['intra_op_threads']} threads that do not spin when idle, median of {r['runs']} alternated runs.", "",
              "Latency: median ms (speed-up against FP32's median), min ms after the slash.", "",
              "| variant | top-1 agreement with FP32 | latency b1 ms (vs FP32) / min | latency b8 ms (vs FP32) / min | size | "
              "QLinearConv / float Conv / Transpose | parity, steps: validation (optimised) [onnxruntime's two "

@@ -33,6 +33,36 @@ def batch_len(x: Batch) -> int:
     return len(next(iter(x.values()))) if is_named(x) else len(x)
 
 
+def attention_mask(x: Batch) -> torch.Tensor | None:
+    """The batch's attention mask (N x L, 1 for a real token, 0 for padding), where it has one."""
+    return x.get("attention_mask") if is_named(x) else None
+
+
+def real_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The values of activation ``y`` that real tokens produce (padding dropped; a flat tensor), or ``y`` itself
+    where it is not laid out by token. Layouts: a token sequence N x L x ... (hidden states), per head
+    N x H x L x ... (one row per query) and, where the last axis is L too, an attention map whose padded key
+    columns go as well (the softmax mask removes them). Ambiguous layouts (H == L) are kept whole."""
+    if mask is None or y.ndim < 3:
+        return y
+    keep = mask.to(device=y.device, dtype=torch.bool)
+    if not keep.any():
+        return y
+    n, length = keep.shape
+    by_token = tuple(y.shape[:2]) == (n, length)
+    by_head = y.ndim >= 4 and y.shape[0] == n and y.shape[2] == length
+    if by_token and not by_head:
+        return y[keep]
+    if by_head and not by_token:
+        if y.ndim > 4:
+            return y.transpose(1, 2)[keep]
+        real = keep[:, None, :, None]
+        if y.shape[3] == length:
+            real = real & keep[:, None, None, :]
+        return y[real.expand_as(y)]
+    return y
+
+
 def to(x: Batch, device) -> Batch:
     return {k: v.to(device) for k, v in x.items()} if is_named(x) else x.to(device)
 

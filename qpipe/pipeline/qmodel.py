@@ -79,6 +79,7 @@ class QState:
     mode: Mode = Mode.QUANT
     only: frozenset[str] | None = None   # diagnosis: quantize only these layers / quantizers (see only_quantize)
     batch: int | None = None             # the global index of the calibration batch being observed
+    tokens: torch.Tensor | None = None   # its attention mask (N x L): observers skip padded tokens
     quantizers: dict[str, ActQuant] = dataclasses.field(default_factory=dict, repr=False)  # qname -> quantizer
 
     def active(self, qname: str) -> bool:
@@ -122,7 +123,7 @@ def observing(model: nn.Module):
         try:
             yield state
         finally:
-            state.batch = None
+            state.batch = state.tokens = None
 
 
 class _QWeightMixin:
@@ -330,7 +331,7 @@ class ActQuant(nn.Module):
         m = self.qstate.mode
         if m == Mode.OBSERVE:
             if self.observer is not None and self.source is None:
-                self.observer.observe(x, self.qstate.batch)
+                self.observer.observe(inputs.real_tokens(x, self.qstate.tokens), self.qstate.batch)
             return x
         if self.apot and self.source is not None:
             return x  # after max-pool / flatten: already on the source's levels (projecting again could move them)
@@ -1084,7 +1085,7 @@ def calibrate_activations(p: Prepared, recipe: Recipe, batches) -> int:
     n = 0
     with observing(p.gm) as state:
         for i, (x, _) in dist.shard(batches):  # under torchrun: this rank's batches, by global index
-            state.batch = i
+            state.batch, state.tokens = i, inputs.attention_mask(x)
             inputs.call(p.gm, x)
             n += inputs.batch_len(x)
     if dist.active():  # every rank gets every batch's records, so all conclude to the single-process scales

@@ -331,3 +331,25 @@ def test_brecq_learns_encoder_units_on_a_masked_transformer(model_dir, tmp_path)
     report = art.qparams["adaround"]
     assert [u["unit"] for u in report][:2] == ["encoder.layer.0", "encoder.layer.1"]
     assert all(u["mse_after"] < u["mse_before"] for u in report[:2]), report
+
+
+@pytest.mark.parametrize("attn,observer", [("eager", "minmax"), ("sdpa", "mse")])
+def test_activation_ranges_come_from_real_tokens_not_padding(attn, observer, model_dir, tmp_path, capsys):
+    """What sits in the padded positions of a batch never reaches a real token's output, so it must not move an
+    activation range: the same sentences with other ids in their padding calibrate to the same scales (every
+    quantizer). Before, padding took part in every range, however much of a batch it was."""
+    model = model_dir("bert", attn)
+    ids, mask = tokens(*CALIB_SHAPE, 0)
+    other = np.where(mask == 1, ids, np.random.default_rng(5).integers(1, VOCAB, ids.shape))
+    assert (other != ids).any()
+    scales = {}
+    for tag, arr in (("ids", ids), ("other", other)):
+        path = tmp_path / f"{tag}.npz"
+        np.savez(path, input_ids_train=arr, attention_mask_train=mask, input_ids_test=arr, attention_mask_test=mask)
+        out = tmp_path / tag
+        assert_ok(*run_cli(capsys, "calibrate", "--model", model, "--data", f"npz:{path}", "--recipe", "w8a8",
+                           "--set", f"activations.observer={observer}", "--out", str(out))[::2])
+        q = json.loads((out / "qparams.json").read_text())["tensors"]
+        scales[tag] = {k: (v["scale"], v["zero_point"]) for k, v in q.items() if v["kind"] == "activation"}
+    assert len(scales["ids"]) > 10
+    assert scales["ids"] == scales["other"]
