@@ -73,6 +73,8 @@ class AdaRound:
     beta: tuple[float, float] = (20.0, 2.0)  # annealed start -> end after the warm-up
     warmup: float = 0.2               # share of iterations without the regulariser
     early_stop: float = 1e-5          # stop once lambda * regulariser falls below this
+    clip_search: bool = False         # per output channel, first pick the weight clipping whose nearest rounding
+    #                                   gives the least error in the layer's output on its calibration inputs
     lsq: bool = False                 # learn activation step sizes (LSQ) jointly, as BRECQ
     lsq_lr: float = 4e-5
     cache_mb: int = 2048              # unit inputs/targets kept in memory up to this, then memory-mapped

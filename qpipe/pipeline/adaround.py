@@ -35,7 +35,7 @@ from qpipe.errors import QpipeError
 from qpipe.inputs import Batch, batch_len, is_named
 from qpipe.kinds import Kind
 
-from .qmodel import ActQuant, Prepared, QConv2d, QLinear, kind_of, mode
+from .qmodel import WEIGHT_SCALE_FLOOR, ActQuant, Prepared, QConv2d, QLinear, kind_of, mode
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -98,6 +98,103 @@ class AdaRoundWeight(torch.nn.Module):
 
     def hard(self) -> torch.Tensor:
         return torch.clamp(self.base + self.z + (self.v.detach() >= 0).double(), self.qmin, self.qmax)
+
+
+CLIP_ROWS = 2048      # layer-input rows (tokens; a linear layer's samples) the clip search reads
+CLIP_IMAGES = 16      # images a convolution's clip search reads
+
+
+@torch.no_grad()
+def layer_inputs(gm: fx.GraphModule, seg, names: list[str], inputs: Cache, n: int, device,
+                 mask: torch.Tensor | None, sides: SideValues | None) -> dict[str, torch.Tensor]:
+    """Each named layer's input inside the unit (quant mode: what the layer reads once its predecessors are
+    quantized), on the first calibration samples: a linear layer's real-token rows (R x C_in, padding dropped)
+    up to ``CLIP_ROWS``, a convolution's first ``CLIP_IMAGES`` images."""
+    got: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def enough(name):
+        xs = got[name]
+        return bool(xs) and (sum(len(x) for x in xs) >= (CLIP_IMAGES if xs[0].ndim == 4 else CLIP_ROWS))
+
+    def grab(name, idx):
+        def hook(mod, args):
+            if enough(name):
+                return
+            x = args[0].detach()
+            keep = mask[idx].to(x.device) if mask is not None else None
+            if x.ndim == 4:
+                got[name].append(x)
+            elif keep is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
+                got[name].append(x[keep.bool()])
+            else:
+                got[name].append(x.reshape(-1, x.shape[-1]))
+        return hook
+
+    with mode(seg, "quant"):
+        for i in range(0, n, 64):
+            if all(enough(name) for name in names):
+                break
+            idx = torch.arange(i, min(i + 64, n))
+            hooks = [gm.get_submodule(name).register_forward_pre_hook(grab(name, idx)) for name in names]
+            try:
+                seg(inputs.get(idx).to(device), *(sides.get(idx) if sides else ()))
+            finally:
+                for h in hooks:
+                    h.remove()
+    out = {}
+    for name, xs in got.items():
+        if xs:
+            x = torch.cat(xs)
+            out[name] = x[:CLIP_IMAGES] if x.ndim == 4 else x[:CLIP_ROWS]
+    return out
+
+
+def output_clip(m, x: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """``qpipe.reference.observers.output_clip`` for one layer (a linear map on rows, or a convolution on
+    images): per output channel, the scale among the current one and the clippings of the channel's largest
+    |w| whose nearest rounding gives the least squared output error on ``x``; None where the layer's grid is not
+    per-channel symmetric (then it keeps its scale)."""
+    from qpipe.reference.observers import CLIP_FRACTIONS
+
+    if m.weight_scale is None or m.weight_scale.ndim != 1 or bool((m.weight_zero_point != 0).any()):
+        return None
+    w = m.weight.detach().double()
+    rows = w.reshape(w.shape[0], -1)
+    qmin, qmax = _grid(bits)
+    base = m.weight_scale.double()
+    floor = float(base.max()) * WEIGHT_SCALE_FLOOR
+    amax = rows.abs().amax(dim=1)
+    cands = [base] + [torch.clamp(amax * f / qmax, min=floor) for f in CLIP_FRACTIONS]
+    x = x.double()
+    errs = []
+    for s in cands:
+        d = (rows - torch.clamp(torch.round(rows / s[:, None]), qmin, qmax) * s[:, None]).reshape_as(w)
+        if x.ndim == 4:   # the convolution of the weight error, squared, summed per output channel
+            y = m._conv_forward(x, d, None)
+            errs.append(y.pow(2).sum(dim=(0, 2, 3)))
+        else:
+            errs.append((x @ d.reshape(d.shape[0], -1).T).pow(2).sum(dim=0))
+    best = torch.argmin(torch.stack(errs, dim=1), dim=1)   # the first minimum: the current scale wins a tie
+    return torch.stack(cands, dim=1).gather(1, best[:, None])[:, 0]
+
+
+def clip_layers(p: Prepared, names: list[str], xs: dict[str, torch.Tensor]) -> None:
+    """Move each layer to the scale ``output_clip`` picks and round its weights to nearest there (AdaRound then
+    starts from that grid)."""
+    from .quant import quantize
+
+    for name in names:
+        m = p.gm.get_submodule(name)
+        if name not in xs or not isinstance(m, (QLinear, QConv2d)):
+            continue
+        s = output_clip(m, xs[name].to(m.weight.device), p.weight_bits[name])
+        if s is None:
+            continue
+        s = s.float()
+        qmin, qmax = _grid(p.weight_bits[name])
+        m.weight_int = quantize(m.weight.detach().double(), s.double(), m.weight_zero_point.double(), qmin, qmax,
+                                0, "nearest").to(torch.int8)
+        m.weight_scale = s.to(m.weight_scale.device)
 
 
 @dataclass
@@ -690,6 +787,7 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
             state = load_file(str(done))
             for name in unit.layers:
                 gm.get_submodule(name).weight_int = state[f"{name}.weight_int"].to(device)
+                gm.get_submodule(name).weight_scale = state[f"{name}.weight_scale"].to(device)
             for name in unit.act:
                 gm.get_submodule(name).scale = state[f"{name}.scale"].to(device)
             _sync_shared(p)
@@ -701,6 +799,8 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
         sides = SideValues(gm, unit.sides, qstream, device)
         inputs, targets = qstream.value(unit.start), fstream.value(unit.end)
         n = qstream.n
+        if a.clip_search:
+            clip_layers(p, unit.layers, layer_inputs(gm, seg, unit.layers, inputs, n, device, qstream.mask, sides))
         before = _mse(seg, inputs, targets, n, 64, device, qstream.mask, sides)
         nearest = {name: gm.get_submodule(name).weight_int.clone() for name in unit.layers}
         tail = _tail(gm, unit) if a.granularity == "layer" and not a.lsq and not unit.sides else None
@@ -742,7 +842,8 @@ def _reconstruct_units(p, recipe, units, sched, workdir, qstream, fstream, spent
         fstream.release(unit.end)
         info = {"unit": unit.name, "layers": unit.layers, "mse_before": before, "mse_after": after,
                 "changed_from_nearest": changed / max(total, 1), "iters": iters_run}
-        state = {f"{name}.weight_int": gm.get_submodule(name).weight_int.cpu().contiguous() for name in unit.layers}
+        state = {f"{name}.{k}": getattr(gm.get_submodule(name), k).cpu().contiguous() for name in unit.layers
+                 for k in ("weight_int", "weight_scale")}
         state.update({f"{name}.scale": gm.get_submodule(name).scale.cpu().reshape(()).contiguous() for name in unit.act})
         write_atomic(workdir / f"unit-{k:03d}.json", json.dumps(info))
         tmp = workdir / f".unit-{k:03d}.tmp"

@@ -86,6 +86,7 @@ def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float]
     """The typed record of a frozen Q-model: every quantized tensor's encoding and every layer's input."""
     tensors, layers = {}, {}
     w = recipe.weights
+    observer = w.observer + ("+output_clip" if w.rounding == "adaround" and recipe.adaround.clip_search else "")
     for name in p.layers:
         m = p.gm.get_submodule(name)
         if m.weight_int is not None:
@@ -93,7 +94,7 @@ def qparams_record(p: Prepared, recipe: Recipe, weight_sqnr_db: dict[str, float]
             tensors[f"{name}.weight"] = Encoding(
                 TensorKind.WEIGHT, p.weight_bits[name], signed=True, symmetric=w.symmetric,
                 axis=0 if per_channel else None, scale=_numbers(m.weight_scale, float),
-                zero_point=_numbers(m.weight_zero_point, int), rounding=w.rounding, observer=w.observer,
+                zero_point=_numbers(m.weight_zero_point, int), rounding=w.rounding, observer=observer,
                 shape=tuple(m.weight.shape))
         if m.bias_int is not None:
             tensors[f"{name}.bias"] = Encoding(TensorKind.BIAS, 32, signed=True, symmetric=True, axis=0,

@@ -161,3 +161,31 @@ def ema(values, momentum: float = 0.95) -> float:
     for v in values:
         m = float(v) if m is None else momentum * m + (1 - momentum) * float(v)
     return m
+
+
+CLIP_FRACTIONS = tuple(k / 20 for k in range(10, 21))
+"""The clippings the output-error search tries: the channel's largest |w| times 0.50, 0.55, ..., 1.00."""
+
+
+def output_clip(w2d, x2d, bits: int, base_scale, floor: float = 0.0):
+    """Per output channel of a linear map y = x @ w.T (``w2d`` [C_out, C_in], ``x2d`` [R, C_in]: the layer's
+    inputs, one row per token or patch), the symmetric scale whose nearest-rounded weights give the least summed
+    squared output error ``sum_r (x_r . (w_c - Q(w_c)))^2``: ``base_scale[c]`` (the weight estimator's) or the
+    channel's largest |w| times each of ``CLIP_FRACTIONS`` over qmax, at least ``floor``. A tie keeps the first:
+    the base scale, then the smaller clipping. A weight-error estimator clips a channel's few large weights; when
+    they meet large inputs (a transformer's outlier features) the output pays for it, which this search sees."""
+    w2d, x2d = np.asarray(w2d, np.float64), np.asarray(x2d, np.float64)
+    qmin, qmax = grid(bits, True)
+    out = np.empty(len(w2d), np.float64)
+    for c, row in enumerate(w2d):
+        amax = np.abs(row).max()
+        best = None
+        for s in [float(base_scale[c])] + [max(amax * f / qmax, floor) for f in CLIP_FRACTIONS]:
+            if not s > 0:
+                continue
+            d = row - fake_quantize(row, s, 0, qmin, qmax)
+            e = float(((x2d @ d) ** 2).sum())
+            if best is None or e < best[0]:
+                best = (e, s)
+        out[c] = best[1] if best is not None else float(base_scale[c])
+    return out
