@@ -301,3 +301,45 @@ def test_reconstruction_of_token_sequences_sums_features_and_skips_padding():
     fused.backward()
     assert abs(float(fused.detach()) - want) < 1e-4 and torch.allclose(y.grad, y2.grad, atol=1e-6)
     assert float(y2.grad[0, 3:].abs().sum()) == 0   # padding gets no gradient
+
+
+def test_output_clip_search_matches_reference_and_protects_channels_that_meet_outlier_inputs():
+    """A channel with one large weight on an input that is large (a transformer's outlier feature): a
+    weight-MSE grid clips that weight and the output pays; the output-error search keeps it. The torch search
+    picks the NumPy reference's scales, for a linear layer and for a convolution (on its patches)."""
+    from qpipe.pipeline.adaround import output_clip
+    from qpipe.pipeline.observers import estimate
+    from qpipe.pipeline.qmodel import QConv2d, QLinear
+    from qpipe.pipeline.quant import QuantSpec
+    from qpipe.reference.observers import output_clip as ref_clip
+
+    g = torch.Generator().manual_seed(0)
+    lin = QLinear(16, 8)
+    w = torch.randn(8, 16, generator=g) * 0.05
+    w[:, 0] = 0.6                                      # every channel's largest weight reads input 0 ...
+    lin.weight.data = w
+    x = torch.randn(256, 16, generator=g)
+    x[:, 0] *= 20                                      # ... which is an outlier feature
+    spec = QuantSpec(4, True, True, 0)
+    s, z = estimate(w.double(), "mse", spec)
+    lin.weight_scale, lin.weight_zero_point = s.float(), z.to(torch.int32)
+    picked = output_clip(lin, x, 4)
+    ref = ref_clip(w.double().numpy(), x.double().numpy(), 4, s.float().double().numpy())
+    np.testing.assert_array_equal(picked.numpy(), ref)
+
+    def out_err(scale):
+        q = torch.clamp(torch.round(w.double() / scale[:, None]), -8, 7) * scale[:, None]
+        return float(((x.double() @ (w.double() - q).T) ** 2).sum())
+    assert bool((picked > s.float().double()).any())   # the MSE grid clipped 0.6; the search does not
+    assert out_err(picked) < 0.5 * out_err(s.float().double())
+
+    conv = QConv2d(3, 4, 3, padding=1)
+    wc = torch.randn(4, 3, 3, 3, generator=g) * 0.1
+    conv.weight.data = wc
+    rows = wc.double().reshape(4, -1)
+    sc, zc = estimate(rows, "mse", spec)
+    conv.weight_scale, conv.weight_zero_point = sc.float(), zc.to(torch.int32)
+    img = torch.randn(2, 3, 6, 6, generator=g)
+    patches = torch.nn.functional.unfold(img.double(), 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    np.testing.assert_allclose(output_clip(conv, img, 4).numpy(),
+                               ref_clip(rows.numpy(), patches.numpy(), 4, sc.float().double().numpy()), rtol=0)
