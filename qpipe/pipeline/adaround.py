@@ -32,7 +32,7 @@ from torch import fx
 
 from qpipe.artifact import write_atomic, write_json
 from qpipe.errors import QpipeError
-from qpipe.inputs import Batch, batch_len, is_named
+from qpipe.inputs import Batch, batch_len, is_named, real_tokens
 from qpipe.kinds import Kind
 
 from .qmodel import WEIGHT_SCALE_FLOOR, ActQuant, Prepared, QConv2d, QLinear, kind_of, mode
@@ -111,42 +111,32 @@ def layer_inputs(gm: fx.GraphModule, seg, names: list[str], inputs: Cache, n: in
     quantized), on the first calibration samples: a linear layer's real-token rows (R x C_in, padding dropped)
     up to ``CLIP_ROWS``, a convolution's first ``CLIP_IMAGES`` images."""
     got: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    batch_mask: list[torch.Tensor | None] = [None]
 
     def enough(name):
         xs = got[name]
-        return bool(xs) and (sum(len(x) for x in xs) >= (CLIP_IMAGES if xs[0].ndim == 4 else CLIP_ROWS))
+        return bool(xs) and sum(len(x) for x in xs) >= (CLIP_IMAGES if xs[0].ndim == 4 else CLIP_ROWS)
 
-    def grab(name, idx):
+    def grab(name):
         def hook(mod, args):
-            if enough(name):
-                return
-            x = args[0].detach()
-            keep = mask[idx].to(x.device) if mask is not None else None
-            if x.ndim == 4:
-                got[name].append(x)
-            elif keep is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
-                got[name].append(x[keep.bool()])
-            else:
-                got[name].append(x.reshape(-1, x.shape[-1]))
+            if not enough(name):
+                x = args[0].detach()
+                got[name].append(x if x.ndim == 4 else real_tokens(x, batch_mask[0]).reshape(-1, x.shape[-1]))
         return hook
 
-    with mode(seg, "quant"):
-        for i in range(0, n, 64):
-            if all(enough(name) for name in names):
-                break
-            idx = torch.arange(i, min(i + 64, n))
-            hooks = [gm.get_submodule(name).register_forward_pre_hook(grab(name, idx)) for name in names]
-            try:
+    hooks = [gm.get_submodule(name).register_forward_pre_hook(grab(name)) for name in names]
+    try:
+        with mode(seg, "quant"):
+            for i in range(0, n, 64):
+                if all(enough(name) for name in names):
+                    break
+                idx = torch.arange(i, min(i + 64, n))
+                batch_mask[0] = mask[idx] if mask is not None else None
                 seg(inputs.get(idx).to(device), *(sides.get(idx) if sides else ()))
-            finally:
-                for h in hooks:
-                    h.remove()
-    out = {}
-    for name, xs in got.items():
-        if xs:
-            x = torch.cat(xs)
-            out[name] = x[:CLIP_IMAGES] if x.ndim == 4 else x[:CLIP_ROWS]
-    return out
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: torch.cat(xs)[:CLIP_IMAGES if xs[0].ndim == 4 else CLIP_ROWS] for name, xs in got.items() if xs}
 
 
 def output_clip(m, x: torch.Tensor, bits: int) -> torch.Tensor | None:
