@@ -780,6 +780,9 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
                 owner[node], nonneg[node] = owner[src], nonneg.get(src, False)
             elif k == Kind.PASS and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]
+                if _masks_scores(node) and not any(u.op == "call_module" and u.target in int_ops
+                                                   for u in _users_through_pass(node, modules)):
+                    continue   # masked scores for a float softmax: -inf stays -inf (no quantizer clamps it)
                 insert(node, owner[src], nonneg.get(src, False), specs[owner[src]])
 
     layer_input: dict[str, str | None] = {}
@@ -805,6 +808,22 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
     gm.recompile()
     share_state(gm)
     return Prepared(gm, layers, act, layer_input, int_ops, adders, layer_bits(recipe, layers), embeddings)
+
+
+MASK_FILL_MAGNITUDE = 1e4
+"""A masked_fill whose constant is at least this far below zero (-inf, ``torch.finfo(dtype).min``) masks
+attention scores out of a softmax."""
+
+
+def _masks_scores(node: fx.Node) -> bool:
+    """``scores.masked_fill(mask, -inf)`` (or a fill as low as ``-MASK_FILL_MAGNITUDE``): the masked positions
+    must get no probability, which a quantizer after it would undo (it clamps -inf to the grid's lowest score,
+    so padded keys take weight from the real ones and a real token's output depends on its batch's padding)."""
+    if not ((node.op == "call_method" and node.target == "masked_fill")
+            or (node.op == "call_function" and node.target is torch.masked_fill)):
+        return False
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    return isinstance(value, (int, float)) and value <= -MASK_FILL_MAGNITUDE
 
 
 def _tail(node: fx.Node, modules, scale: bool = True) -> tuple[fx.Node, bool]:
