@@ -39,6 +39,7 @@ from latency import alternated_by_batch, machine_info, op_census, timing_session
 
 MODEL_SPEC = str(HERE / "models" / "efficientnet_lite0.py") + ":build"
 SIZE = 224
+PARITY_IMAGES = 512   # test crops evaluate compares with the PyTorch Q-model (parity) and check gates
 MEAN, STD = 0.5, 0.5   # TF EfficientNet-Lite preprocessing: (255 x - 127) / 128 ~ (x - 0.5) / 0.5
 # the photo files in scikit-image's wheel (skimage/data/), read directly: no fetcher, no download
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
@@ -173,7 +174,9 @@ def qpipe_variant(work: Path, data: str, weights: str, recipe: str, overrides: l
     times = json.loads((out / "bench_times.json").read_text())
     import qpipe
 
-    m = qpipe.evaluate(out, backend="ort", latency=False, progress=False, format="qdq")
+    # parity (and the metrics check reads) on the first PARITY_IMAGES test crops: the PyTorch twins it compares
+    # against run at 224 x 224 on 2 cores; top-1 agreement is measured on every crop (``agreement``)
+    m = qpipe.evaluate(out, backend="ort", latency=False, progress=False, format="qdq", limit=PARITY_IMAGES)
     failed = [f"{r.name} ({r.detail})" for r in qpipe.check(out) if not r.ok]
     return {"dir": out, "times": times, "parity": m.get("parity"), "parity_optimized": m.get("parity_optimized"),
             "ort_self": m.get("ort_optimized_vs_validation"), "check_failed": failed}
