@@ -25,6 +25,19 @@ class Grid:
         return self.qmin < 0
 
 
+MASK_FILL_MAGNITUDE = 1e4
+"""A masked_fill whose constant is at least this far below zero (-inf, ``torch.finfo(dtype).min``) masks
+attention scores out of a softmax."""
+
+
+@dataclass(frozen=True)
+class MaskedGrid:
+    """A grid's integers with the positions ``masked_fill(mask, -inf)`` masked set to
+    ``qpipe.reference.intops.MASKED``: attention scores, read only by an IntSoftmax (which gives them no weight)."""
+
+    grid: Grid
+
+
 @dataclass(frozen=True)
 class Acc:
     """An integer accumulator (zero point 0, unbounded): real value = acc * scale, ``scale`` a float or a

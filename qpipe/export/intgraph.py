@@ -32,9 +32,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qpipe.errors import QpipeError
 from qpipe.intvalues import (
+    MASK_FILL_MAGNITUDE,
     RELU,
     Acc,
     Grid,
+    MaskedGrid,
     broadcast_shape,
     clip_range,
     merge_bounds,
@@ -67,7 +69,7 @@ from qpipe.record import (
     dummy_arrays,
     state_key,
 )
-from qpipe.reference.intops import OUT_BITS, activation_table, dyadic, embedding_table
+from qpipe.reference.intops import MASKED, OUT_BITS, activation_table, dyadic, embedding_table
 
 # ---------------------------------------------------------------- what a value is
 
@@ -581,8 +583,8 @@ class IntGraph:
         self.env[node.output[0]], self.meta[node.output[0]] = y, xm
 
     def masked_fill(self, node: onnx.NodeProto) -> None:
-        """masked_fill(mask, -inf) before a softmax: the lowest value of the grid (as the quantizer after it
-        clamps), the highest for +inf."""
+        """masked_fill(mask, -inf) before a softmax: ``MASKED``, which the IntSoftmax gives no weight; a small
+        negative fill the lowest value of the grid, a positive one the highest."""
         cond, a, b = node.input
         fill_first = a in self.values
         fill, x = (a, b) if fill_first else (b, a)
@@ -590,10 +592,11 @@ class IntGraph:
         if fill not in self.values or self.values[fill].size != 1 or not isinstance(xm, Grid):
             raise QpipeError(f"{node.name}: Where has no integer form here (only masked_fill with a constant)")
         value = float(self.values[fill].reshape(()))
-        f = self.const(xm.qmin if value < 0 else xm.qmax)
+        f, meta = (MASKED, MaskedGrid(xm)) if value <= -MASK_FILL_MAGNITUDE else (xm.qmin if value < 0 else xm.qmax, xm)
+        f = self.const(f)
         y = self.node("Where", [self.env[cond], f, self.env[x]] if fill_first else [self.env[cond], self.env[x], f],
                       "masked_fill")
-        self.env[node.output[0]], self.meta[node.output[0]] = y, xm
+        self.env[node.output[0]], self.meta[node.output[0]] = y, meta
 
     def visit_int_op(self, node: onnx.NodeProto) -> None:
         """IntSoftmax / IntGELU / IntLayerNorm (``Kind.SOFTMAX`` / ``GELU`` / ``LAYERNORM``) with the recorded
@@ -603,6 +606,8 @@ class IntGraph:
         xm = self.meta.get(x)
         if rec is None:
             raise QpipeError(f"graph.onnx has the integer op {name!r}, which qparams.json does not record")
+        if isinstance(xm, MaskedGrid) and rec.op == INT_SOFTMAX:
+            xm = xm.grid   # masked scores: MASKED - z stays far below every real score
         if not isinstance(xm, Grid):
             raise QpipeError(f"{name}: integer {rec.op} needs a quantized input")
         xs = self.node("Sub", [self.env[x], self.const(xm.zero_point)], f"{name}/sub_zp")

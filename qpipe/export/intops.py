@@ -21,7 +21,7 @@ from qpipe.onnx_names import FUNCTIONS_OPSET as ONNX_OPSET
 from qpipe.onnx_names import PUBLIC_OPS
 from qpipe.onnx_names import QPIPE_DOMAIN as DOMAIN
 from qpipe.onnx_names import QPIPE_VERSION as VERSION
-from qpipe.reference.intops import GELU_N, INT32_MAX, OUT_BITS, SOFTMAX_N, SQRT_ITERS, SQRT_START
+from qpipe.reference.intops import GELU_N, INT32_MAX, MASK_DIFF, OUT_BITS, SOFTMAX_N, SQRT_ITERS, SQRT_START
 
 assert SQRT_ITERS == 20, "ISqrt below unrolls exactly 20 Newton steps"
 
@@ -112,9 +112,11 @@ def ShiftExp(x: INT64, x0: INT64, n: INT64) -> INT64:
 
 @script(qp, default_opset=op)
 def IntSoftmax(x: INT64, x0: INT64) -> INT64:
-    """Shiftmax along the last axis; output uint8 values (0..255) at scale 2^-8."""
+    """Shiftmax along the last axis; output uint8 values (0..255) at scale 2^-8; MASKED inputs weigh 0."""
     axes = op.Constant(value_ints=[-1])
-    e = ShiftExp(op.Sub(x, op.ReduceMax(x, axes, keepdims=1)), x0, op.Constant(value_int=SOFTMAX_N))
+    d = op.Sub(x, op.ReduceMax(x, axes, keepdims=1))
+    masked = op.Less(d, op.Constant(value_int=MASK_DIFF))   # attention padding: no weight
+    e = op.Where(masked, op.Constant(value_int=0), ShiftExp(d, x0, op.Constant(value_int=SOFTMAX_N)))
     imax = op.Constant(value_int=INT32_MAX)
     s = IMin(op.ReduceSum(e, axes, keepdims=1), imax)
     factor = op.Div(imax, s)  # both positive: Div is the floor

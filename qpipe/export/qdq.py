@@ -46,6 +46,7 @@ from qpipe.record import (
     int_key,
     state_key,
 )
+from qpipe.reference.intops import MASKED
 
 from . import intops as intops_onnx
 
@@ -397,8 +398,17 @@ def int_op_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodeP
              helper.make_node("Sub", [p + "q64", b.add_init(p + "zin", np.array(int(zp), dtype=np.int64))],
                               [p + "x"], name=p + "SubZeroPoint")]
     c = lambda n, v: b.add_init(p + n, np.asarray(v, dtype=np.int64))
+    xin = p + "x"
+    if op == INT_SOFTMAX and any(n.op_type == "Where" and x in n.output for n in b.g.node):
+        # masked scores (masked_fill(mask, -inf)): below the grid -> MASKED, which the op gives no weight
+        low = np.float32((src.qmin - int(src.zero_point) - 0.5) * float(src.scale))
+        nodes += [helper.make_node("Less", [x, b.add_init(p + "masked_below", np.array(low))], [p + "masked"],
+                                   name=p + "Masked"),
+                  helper.make_node("Where", [p + "masked", c("masked_value", MASKED), xin], [p + "xm"],
+                                   name=p + "WhereMasked")]
+        xin = p + "xm"
     if op in (INT_SOFTMAX, INT_GELU):
-        nodes.append(helper.make_node(op, [p + "x", c("x0", rec.x0)], [p + "y"], domain=QPIPE_DOMAIN,
+        nodes.append(helper.make_node(op, [xin, c("x0", rec.x0)], [p + "y"], domain=QPIPE_DOMAIN,
                                       name=p + op))
         zero_out = None
     else:

@@ -350,6 +350,27 @@ def prefix_module(gm: fx.GraphModule, target: fx.Node) -> fx.GraphModule:
     return out
 
 
+def graph_slice(targets, stop, order: dict[fx.Node, int]) -> list[fx.Node]:
+    """The nodes ``targets`` are computed from, back to the values in ``stop`` (not included), in graph order."""
+    need, stack = set(), list(targets)
+    while stack:
+        n = stack.pop()
+        if n not in need and n not in stop:
+            need.add(n)
+            stack.extend(n.all_input_nodes)
+    return sorted(need, key=order.__getitem__)
+
+
+def slice_module(gm: fx.GraphModule, inputs: dict[fx.Node, str], nodes: list[fx.Node], outs) -> fx.GraphModule:
+    """A module computing ``outs`` (a tuple) by ``nodes`` of ``gm`` from ``inputs`` (node -> placeholder name)."""
+    g = fx.Graph()
+    env = {node: g.placeholder(name) for node, name in inputs.items()}
+    for n in nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[n] for n in outs))
+    return fx.GraphModule(gm, g)
+
+
 class SideValues:
     """The side values a unit reads, for any rows of the calibration inputs (recomputed: they are cheap, and a
     shape or a constant has no batch axis to cache along)."""
@@ -359,19 +380,8 @@ class SideValues:
         self.places = sorted(stream.inputs, key=stream.order.get)
         self.mod = None
         if sides:
-            g = fx.Graph()
-            env = {ph: g.placeholder(ph.name) for ph in self.places}
-            need = set()
-            stack = list(sides)
-            while stack:
-                n = stack.pop()
-                if n not in need and n not in env:
-                    need.add(n)
-                    stack.extend(n.all_input_nodes)
-            for n in sorted(need, key=stream.order.__getitem__):
-                env[n] = g.node_copy(n, lambda a: env[a])
-            g.output(tuple(env[a] for a in sides))
-            self.mod = fx.GraphModule(gm, g)
+            nodes = graph_slice(sides, set(self.places), stream.order)
+            self.mod = slice_module(gm, {ph: ph.name for ph in self.places}, nodes, sides)
 
     def get(self, idx: torch.Tensor) -> tuple:
         if self.mod is None:
@@ -452,23 +462,12 @@ class Stream:
     def _slice(self, target: fx.Node) -> tuple[list[fx.Node], list[fx.Node], fx.GraphModule]:
         """(kept values read, values computed: the target and those a node outside the slice reads too, e.g.
         a residual block's input, and the module computing them)."""
-        need, stack = set(), [target]
-        while stack:
-            n = stack.pop()
-            if n in need or n in self.kept:
-                continue
-            need.add(n)
-            stack.extend(n.all_input_nodes)
-        nodes = sorted(need, key=self.order.__getitem__)
+        nodes = graph_slice([target], self.kept, self.order)
+        need = set(nodes)
         frontier = sorted({a for n in nodes for a in n.all_input_nodes if a in self.kept}, key=self.order.__getitem__)
         outs = [target] + [n for n in nodes if n is not target and n.op != "get_attr"
                            and any(u not in need for u in n.users)]
-        g = fx.Graph()
-        env = {c: g.placeholder(f"in_{i}") for i, c in enumerate(frontier)}
-        for n in nodes:
-            env[n] = g.node_copy(n, lambda a: env[a])
-        g.output(tuple(env[n] for n in outs))
-        return frontier, outs, fx.GraphModule(self.gm, g)
+        return frontier, outs, slice_module(self.gm, {c: f"in_{i}" for i, c in enumerate(frontier)}, nodes, outs)
 
     @torch.no_grad()
     def value(self, target: fx.Node) -> Cache:

@@ -32,11 +32,22 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qpipe.errors import QpipeError
-from qpipe.intvalues import Acc, Grid, broadcast_shape, clip_range, merge_bounds, onto, require_8bit, scales
+from qpipe.intvalues import (
+    MASK_FILL_MAGNITUDE,
+    Acc,
+    Grid,
+    MaskedGrid,
+    broadcast_shape,
+    clip_range,
+    merge_bounds,
+    onto,
+    require_8bit,
+    scales,
+)
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
 from qpipe.onnx_names import INT_GELU, INT_SOFTMAX
-from qpipe.reference.intops import OUT_BITS, activation_table, dyadic, embedding_table
+from qpipe.reference.intops import MASKED, OUT_BITS, activation_table, dyadic, embedding_table
 
 from . import intops
 from .qmodel import (
@@ -748,6 +759,8 @@ class Rewriter:
             return
         if not isinstance(m, _IntOpMixin):
             raise QpipeError(f"{target}: the integer-only graph needs ops.{k}: int in the recipe")
+        if isinstance(xm, MaskedGrid) and k == Kind.SOFTMAX:
+            xm = xm.grid
         if not isinstance(xm, Grid):
             raise QpipeError(f"{target}: integer {k} needs a quantized input")
         y = self.call(target, IntNonlinear(m, xm.zero_point), self.env[x])
@@ -789,14 +802,18 @@ class Rewriter:
             self.meta[node] = xm
             return
         if k == Kind.PASS and op == "call_method" and target == "masked_fill" and isinstance(xm, Grid):
-            # masked_fill(mask, -inf) before softmax: the lowest value of the grid, as the quantizer after it clamps
+            # masked_fill(mask, -inf) before softmax: MASKED, which the IntSoftmax gives no weight (a small negative
+            # fill: the lowest value of the grid, a positive one the highest)
             value = args[2] if len(args) > 2 else node.kwargs.get("value")
             if not isinstance(value, (int, float)):
                 raise QpipeError(f"{node.name}: masked_fill needs a constant fill value in the integer graph")
             fill = xm.qmin if value < 0 else xm.qmax
+            meta = xm
+            if value <= -MASK_FILL_MAGNITUDE:   # attention padding for the IntSoftmax: no weight
+                fill, meta = MASKED, MaskedGrid(xm)
             mask = self.env[args[1]] if isinstance(args[1], fx.Node) else args[1]
             self.env[node] = self.new.call_method("masked_fill", (self.env[x], mask, fill))
-            self.meta[node] = xm
+            self.meta[node] = meta
             return
         if k in (Kind.PASS, Kind.OTHER, Kind.SPLIT):
             if op == "call_module" and not isinstance(self.modules[target], (nn.Dropout, nn.Identity, nn.Flatten)):

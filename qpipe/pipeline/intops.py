@@ -11,6 +11,7 @@ import torch
 from qpipe.reference.intops import (
     GELU_N,
     INT32_MAX,
+    MASK_DIFF,
     OUT_BITS,
     SOFTMAX_N,
     SQRT_ITERS,
@@ -59,7 +60,8 @@ def shift_exp(x: torch.Tensor, x0: int, n: int) -> torch.Tensor:
 
 def softmax(x: torch.Tensor, x0: int, dim: int = -1, n: int = SOFTMAX_N, bits: int = OUT_BITS) -> torch.Tensor:
     x = x.to(torch.int64)
-    e = shift_exp(x - x.amax(dim=dim, keepdim=True), x0, n)
+    d = x - x.amax(dim=dim, keepdim=True)
+    e = torch.where(d < MASK_DIFF, 0, shift_exp(d, x0, n))
     s = torch.clamp(e.sum(dim=dim, keepdim=True), max=INT32_MAX)
     factor = _fdiv(torch.full_like(s, INT32_MAX), s)
     return torch.clamp(_fdiv(e * factor, 2 ** (31 - bits)), max=2**bits - 1)

@@ -21,13 +21,13 @@ from torch import fx, nn
 
 from qpipe import inputs
 from qpipe.errors import QpipeError
-from qpipe.intvalues import RELU
+from qpipe.intvalues import MASK_FILL_MAGNITUDE, RELU
 from qpipe.kinds import QUANTIZED_KINDS, REGISTRY, Kind, resolve
 from qpipe.models.adder import AdderConv2d, adder2d, adder2d_forward
 from qpipe.onnx_names import MARK, MARK_ADDER, MARK_DOMAIN, MARK_INT_OP
 from qpipe.recipe import FLOAT_BITS, Recipe
 from qpipe.record import IntOpRecord
-from qpipe.reference.intops import OUT_BITS
+from qpipe.reference.intops import MASKED, OUT_BITS
 
 from . import intops
 from .apot import Levels, codes_of
@@ -398,6 +398,7 @@ class _IntOpMixin:
         with torch.no_grad():
             q = torch.round(x / src.scale).to(torch.int64) - src.zero_point.to(torch.int64)
         if self.kind == "softmax":
+            q = torch.where(x < masked_below(src), MASKED, q)   # masked_fill(mask, -inf): no weight
             return intops.softmax(q, int(self.x0)).float() * 2.0**-OUT_BITS
         if self.kind == "gelu":
             return intops.gelu(q, int(self.x0)).float() * (src.scale * 2.0**-OUT_BITS)
@@ -435,6 +436,12 @@ class _IntOpMixin:
         return dataclasses.replace(rec, m=tuple(int(v) for v in p.m), k=int(p.k), b=tuple(int(v) for v in p.b),
                                    zero_point=int(p.zero_point), qmin=int(p.qmin), qmax=int(p.qmax),
                                    eps=float(self.eps))
+
+
+def masked_below(q: ActQuant) -> float:
+    """A value below half a step under the lowest point of ``q``'s grid is off the grid: a masked score
+    (``masked_fill(mask, -inf)`` between the quantizer and the softmax)."""
+    return float((q.spec.qmin - float(q.zero_point) - 0.5) * float(q.scale))
 
 
 class QSoftmax(_IntOpMixin, nn.Softmax):
@@ -780,9 +787,8 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
                 owner[node], nonneg[node] = owner[src], nonneg.get(src, False)
             elif k == Kind.PASS and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in owner:
                 src = node.args[0]
-                if _masks_scores(node) and not any(u.op == "call_module" and u.target in int_ops
-                                                   for u in _users_through_pass(node, modules)):
-                    continue   # masked scores for a float softmax: -inf stays -inf (no quantizer clamps it)
+                if _masks_scores(node):
+                    continue   # masked scores: -inf stays -inf for the softmax (no quantizer clamps it)
                 insert(node, owner[src], nonneg.get(src, False), specs[owner[src]])
 
     layer_input: dict[str, str | None] = {}
@@ -799,6 +805,8 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
         if node.op == "call_module" and node.target in int_ops:
             op = modules[node.target]
             src, users = node.args[0], list(node.users)
+            if isinstance(src, fx.Node) and _masks_scores(src) and op.kind == Kind.SOFTMAX:
+                src = src.args[0]   # masked scores: the integers of the grid before the mask (MASKED where masked)
             if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules.get(src.target), ActQuant)):
                 raise QpipeError(f"{node.target}: an integer {op.kind} needs a quantized input")
             if not (len(users) == 1 and users[0].op == "call_module" and isinstance(modules.get(users[0].target), ActQuant)):
@@ -808,11 +816,6 @@ def prepare(model: nn.Module, recipe: Recipe, example: dict[str, torch.Tensor] |
     gm.recompile()
     share_state(gm)
     return Prepared(gm, layers, act, layer_input, int_ops, adders, layer_bits(recipe, layers), embeddings)
-
-
-MASK_FILL_MAGNITUDE = 1e4
-"""A masked_fill whose constant is at least this far below zero (-inf, ``torch.finfo(dtype).min``) masks
-attention scores out of a softmax."""
 
 
 def _masks_scores(node: fx.Node) -> bool:

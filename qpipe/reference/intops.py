@@ -151,13 +151,24 @@ def shift_exp(x, x0: int, n: int) -> np.ndarray:
     return e * np.left_shift(np.int64(1), n - q)   # n - q in [0, n]
 
 
+MASKED = -(2**40)
+"""The IntSoftmax input of a masked position (``masked_fill(mask, -inf)`` before the softmax: attention padding).
+A real input lies on a grid of at most 16 bits, so it is never this low."""
+MASK_DIFF = -(2**32)
+"""IntSoftmax: a position at least this far below its row's maximum is masked and gets no weight (a row of masked
+positions only keeps them all, uniform, as a float softmax of equal values does)."""
+
+
 def softmax(x, x0: int, axis: int = -1, n: int = SOFTMAX_N, bits: int = OUT_BITS) -> np.ndarray:
     """Shiftmax: integer softmax along ``axis``; output unsigned ``bits`` wide at scale 2^-bits.
 
     differs: I-ViT divides by 2^(31 - bits + 1) for a signed grid with scale 2^-(bits-1); the output is
-    non-negative, so qpipe keeps the extra bit (value 2^bits = probability 1 is clamped to 2^bits - 1)."""
+    non-negative, so qpipe keeps the extra bit (value 2^bits = probability 1 is clamped to 2^bits - 1).
+    Positions at ``MASKED`` (``MASK_DIFF`` below the row's maximum) weigh 0, where I-ViT, which has no mask,
+    would give them ShiftExp's floor 2^-n: the real positions get exactly the output of the row without them."""
     x = _i64(x)
-    e = shift_exp(x - x.max(axis=axis, keepdims=True), x0, n)
+    d = x - x.max(axis=axis, keepdims=True)
+    e = np.where(d < MASK_DIFF, 0, shift_exp(d, x0, n))
     s = np.minimum(e.sum(axis=axis, keepdims=True), INT32_MAX)
     factor = np.floor_divide(INT32_MAX, s)
     return np.minimum(np.floor_divide(e * factor, 2 ** (31 - bits)), 2**bits - 1)

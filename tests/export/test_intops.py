@@ -104,6 +104,28 @@ def test_int_softmax_four_versions_identical(scale, shape):
 
 
 @pytest.mark.parametrize("scale", SCALES, ids=lambda s: f"s{s:g}")
+def test_masked_positions_take_nothing_from_the_real_ones(scale):
+    """Attention padding (``MASKED`` inputs): in all four versions the real positions of a row get exactly what
+    the row without its padding gives, the padding 0; a row of padding alone stays uniform, not 0 / 0."""
+    x = _rows((4, 6, 19), -128, 127)
+    keep = np.ones(x.shape, bool)
+    keep[..., 11:] = False          # 8 padded keys
+    keep[1, 2, :] = False           # a query row of padding alone
+    x0 = R.shiftexp_x0(scale)
+    xm = np.where(keep, x, R.MASKED)
+    expected = R.softmax(xm, x0)
+    assert_all_equal(expected, T.softmax(torch.tensor(xm), x0), *run_onnx("IntSoftmax", xm, x0))
+    np.testing.assert_array_equal(expected[..., :11][keep[..., :11].all(-1)],
+                                  R.softmax(x[..., :11], x0)[keep[..., :11].all(-1)])
+    assert (expected[..., 11:][keep[..., :11].all(-1)] == 0).all()
+    assert len(set(expected[1, 2].tolist())) == 1 and expected[1, 2, 0] > 0
+    # I-ViT without a mask: a real position at the grid's lowest value keeps ShiftExp's floor, and the row's
+    # real positions lose that much to the padding
+    low = np.where(keep, x, -128)
+    assert (R.softmax(low, x0)[..., :11] <= expected[..., :11]).all()
+
+
+@pytest.mark.parametrize("scale", SCALES, ids=lambda s: f"s{s:g}")
 @pytest.mark.parametrize("shape", [(2, 5, 64), (1, 197, 768)], ids=["64", "197x768"])
 def test_int_gelu_four_versions_identical(scale, shape):
     x = _rows(shape, -128, 127)

@@ -2,6 +2,7 @@
 (``hf:DIR``) and an npz of named inputs; inspect -> calibrate -> export (QDQ and integer-only) -> evaluate in
 onnxruntime at batch sizes and sequence lengths calibration never saw -> check. Small configs, random weights."""
 
+import itertools
 import json
 
 import numpy as np
@@ -380,22 +381,25 @@ def test_clip_search_on_a_padded_transformer_clips_by_real_tokens_only(model_dir
     assert all(np.array_equal(scales["ids"][k], scales["other"][k]) for k in scales["ids"])
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_a_padded_sentence_gives_what_it_gives_alone(attn, model_dir, tmp_path):
-    """Batching with padding must not change a sentence's embedding: in the QDQ graph (validation and optimised
-    sessions) each real token's output equals that of the sentence run alone at its own length. Before, the
-    quantizer after ``masked_fill(mask, -inf)`` clamped -inf to the lowest score on the grid, so padded keys
-    took probability from the real ones (0.02 in last_hidden_state on this model)."""
+@pytest.mark.parametrize("attn,recipe", [("eager", "w8a8"), ("sdpa", "w8a8"), ("sdpa", "w8a8-int")])
+def test_a_padded_sentence_gives_what_it_gives_alone(attn, recipe, model_dir, tmp_path):
+    """Batching with padding must not change a sentence's embedding: in the QDQ graph (float softmax, or the
+    IntSoftmax op) and the integer-only graph, validation and optimised sessions, each real token's output
+    equals that of the sentence run alone at its own length. Before, -inf from ``masked_fill(mask, -inf)`` was
+    clamped to the lowest score on the grid, so padded keys took probability from the real ones (0.02 in
+    last_hidden_state on this model)."""
     import qpipe
     from qpipe.runtime.session import make_session
 
     data = write_data(tmp_path / "d.npz", "bert")
-    art = qpipe.calibrate(model_dir("bert", attn), data, "w8a8", tmp_path / "a", progress=False)
-    qpipe.export(art.path, format="qdq")
+    art = qpipe.calibrate(model_dir("bert", attn), data, recipe, tmp_path / "a", progress=False)
+    files = ["model.qdq.onnx"] + (["model.int.onnx"] if recipe.endswith("-int") else [])
+    for f in files:
+        qpipe.export(art.path, format=f.split(".")[1])
     ids, mask = tokens(*TEST_SHAPE, 3)
     assert (mask == 0).any()
-    for optimized in (False, True):
-        sess = make_session(tmp_path / "a" / "model.qdq.onnx", optimized=optimized)
+    for f, optimized in itertools.product(files, (False, True)):
+        sess = make_session(tmp_path / "a" / f, optimized=optimized)
         batch = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         for i in np.flatnonzero(mask.sum(1) < mask.shape[1]):
             n = int(mask[i].sum())
