@@ -30,6 +30,12 @@ MASK_FILL_MAGNITUDE = 1e4
 attention scores out of a softmax."""
 
 
+def masked_below(scale: float, zero_point: int, qmin: int) -> float:
+    """Softmax input values below this (half a step under the grid's lowest point, in float32) are off the grid:
+    scores a ``masked_fill(mask, -inf)`` masked between their quantizer and the softmax."""
+    return float(np.float32((qmin - zero_point - 0.5) * scale))
+
+
 @dataclass(frozen=True)
 class MaskedGrid:
     """A grid's integers with the positions ``masked_fill(mask, -inf)`` masked set to

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 from qpipe.artifact import Artifact
 from qpipe.errors import QpipeError
+from qpipe.intvalues import masked_below
 from qpipe.kinds import INT_OP_KINDS, REGISTRY, Kind, resolve
 from qpipe.onnx_names import (
     ADDER2D,
@@ -401,7 +402,7 @@ def int_op_nodes(emit: Emit, name: str, node: onnx.NodeProto) -> list[onnx.NodeP
     xin = p + "x"
     if op == INT_SOFTMAX and any(n.op_type == "Where" and x in n.output for n in b.g.node):
         # masked scores (masked_fill(mask, -inf)): below the grid -> MASKED, which the op gives no weight
-        low = np.float32((src.qmin - int(src.zero_point) - 0.5) * float(src.scale))
+        low = np.float32(masked_below(float(src.scale), int(src.zero_point), src.qmin))
         nodes += [helper.make_node("Less", [x, b.add_init(p + "masked_below", np.array(low))], [p + "masked"],
                                    name=p + "Masked"),
                   helper.make_node("Where", [p + "masked", c("masked_value", MASKED), xin], [p + "xm"],

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from qpipe import inputs
 from qpipe.errors import QpipeError
-from qpipe.intvalues import MASK_FILL_MAGNITUDE, RELU
+from qpipe.intvalues import MASK_FILL_MAGNITUDE, RELU, masked_below
 from qpipe.kinds import QUANTIZED_KINDS, REGISTRY, Kind, resolve
 from qpipe.models.adder import AdderConv2d, adder2d, adder2d_forward
 from qpipe.onnx_names import MARK, MARK_ADDER, MARK_DOMAIN, MARK_INT_OP
@@ -398,7 +398,8 @@ class _IntOpMixin:
         with torch.no_grad():
             q = torch.round(x / src.scale).to(torch.int64) - src.zero_point.to(torch.int64)
         if self.kind == "softmax":
-            q = torch.where(x < masked_below(src), MASKED, q)   # masked_fill(mask, -inf): no weight
+            low = masked_below(float(src.scale), int(src.zero_point), src.spec.qmin)
+            q = torch.where(x < low, MASKED, q)   # masked_fill(mask, -inf) after the quantizer: no weight
             return intops.softmax(q, int(self.x0)).float() * 2.0**-OUT_BITS
         if self.kind == "gelu":
             return intops.gelu(q, int(self.x0)).float() * (src.scale * 2.0**-OUT_BITS)
@@ -436,12 +437,6 @@ class _IntOpMixin:
         return dataclasses.replace(rec, m=tuple(int(v) for v in p.m), k=int(p.k), b=tuple(int(v) for v in p.b),
                                    zero_point=int(p.zero_point), qmin=int(p.qmin), qmax=int(p.qmax),
                                    eps=float(self.eps))
-
-
-def masked_below(q: ActQuant) -> float:
-    """A value below half a step under the lowest point of ``q``'s grid is off the grid: a masked score
-    (``masked_fill(mask, -inf)`` between the quantizer and the softmax)."""
-    return float((q.spec.qmin - float(q.zero_point) - 0.5) * float(q.scale))
 
 
 class QSoftmax(_IntOpMixin, nn.Softmax):
