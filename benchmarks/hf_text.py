@@ -315,8 +315,8 @@ def markdown(r: dict) -> str:
              f"({m['cpu_count']} logical CPUs; flags: {flags}), onnxruntime {m['onnxruntime']}, "
              f"{m['intra_op_threads']} threads that do not spin when idle, median of {r['runs']} alternated runs.", "",
              "Cosine: per-sentence cosine of the sentence embedding (mean pooling) to the FP32 PyTorch model's, in "
-             "onnxruntime's fully optimised session; parity: output steps of last_hidden_state against the PyTorch "
-             "Q-model (validation / optimised session).", "",
+             "onnxruntime's fully optimised session; parity: output steps against the PyTorch Q-model, the larger "
+             "of the outputs' (validation / optimised session).", "",
              "| variant | cosine mean | cosine min | latency b1 ms (vs FP32) | latency b32 ms (vs FP32) | size | parity "
              "steps | qpipe check | wall time |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for label, row in r["rows"].items():
