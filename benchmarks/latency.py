@@ -44,7 +44,7 @@ from qpipe.runtime.session import make_session
 # worker threads sleep when idle: see the module docstring
 NO_SPIN = {"session.intra_op.allow_spinning": "0"}
 RESNET_OVERRIDES = ["calibration.images=16", "calibration.batch_size=8"]
-RECIPES = {"w8a8": "qpipe W8A8 QDQ", "w7a8": "qpipe W7A8 QDQ (|w| <= 64: u8 x s8 kernel)",
+RECIPES = {"w8a8": "qpipe W8A8 QDQ", "w7a8": "qpipe W7A8 QDQ (w within ±64: u8 x s8 kernel)",
            "w4a8": "qpipe W4A8 QDQ"}
 VIT_RECIPES = {"w8a8": "qpipe W8A8 QDQ (float ops)", "w8a8-int": "qpipe W8A8 QDQ (ai.qpipe int ops)"}
 INT_LABEL = "qpipe W8A8 integer-only (model.int.onnx)"
