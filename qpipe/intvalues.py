@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qpipe.errors import QpipeError
+from qpipe.reference.intops import MASKED
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ class MaskedGrid:
     ``qpipe.reference.intops.MASKED``: attention scores, read only by an IntSoftmax (which gives them no weight)."""
 
     grid: Grid
+
+
+def masked_fill_value(grid: Grid, value: float) -> tuple[int, Grid | MaskedGrid]:
+    """The integer ``masked_fill(mask, value)`` writes on ``grid``'s values, and what the result is: a masking
+    fill (-inf, ``torch.finfo(dtype).min``) gives ``MASKED`` (for the IntSoftmax); another negative fill the
+    grid's lowest value, a positive one its highest."""
+    if value <= -MASK_FILL_MAGNITUDE:
+        return MASKED, MaskedGrid(grid)
+    return (grid.qmin if value < 0 else grid.qmax), grid
 
 
 @dataclass(frozen=True)

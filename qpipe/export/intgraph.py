@@ -32,13 +32,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qpipe.errors import QpipeError
 from qpipe.intvalues import (
-    MASK_FILL_MAGNITUDE,
     RELU,
     Acc,
     Grid,
     MaskedGrid,
     broadcast_shape,
     clip_range,
+    masked_fill_value,
     merge_bounds,
     onto,
     require_8bit,
@@ -69,7 +69,7 @@ from qpipe.record import (
     dummy_arrays,
     state_key,
 )
-from qpipe.reference.intops import MASKED, OUT_BITS, activation_table, dyadic, embedding_table
+from qpipe.reference.intops import OUT_BITS, activation_table, dyadic, embedding_table
 
 # ---------------------------------------------------------------- what a value is
 
@@ -592,8 +592,8 @@ class IntGraph:
         if fill not in self.values or self.values[fill].size != 1 or not isinstance(xm, Grid):
             raise QpipeError(f"{node.name}: Where has no integer form here (only masked_fill with a constant)")
         value = float(self.values[fill].reshape(()))
-        f, meta = (MASKED, MaskedGrid(xm)) if value <= -MASK_FILL_MAGNITUDE else (xm.qmin if value < 0 else xm.qmax, xm)
-        f = self.const(f)
+        fill_value, meta = masked_fill_value(xm, value)
+        f = self.const(fill_value)
         y = self.node("Where", [self.env[cond], f, self.env[x]] if fill_first else [self.env[cond], self.env[x], f],
                       "masked_fill")
         self.env[node.output[0]], self.meta[node.output[0]] = y, meta

@@ -33,12 +33,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qpipe.errors import QpipeError
 from qpipe.intvalues import (
-    MASK_FILL_MAGNITUDE,
     Acc,
     Grid,
     MaskedGrid,
     broadcast_shape,
     clip_range,
+    masked_fill_value,
     merge_bounds,
     onto,
     require_8bit,
@@ -47,7 +47,7 @@ from qpipe.intvalues import (
 from qpipe.kinds import REGISTRY, Kind, resolve
 from qpipe.models.adder import adder2d_forward
 from qpipe.onnx_names import INT_GELU, INT_SOFTMAX
-from qpipe.reference.intops import MASKED, OUT_BITS, activation_table, dyadic, embedding_table
+from qpipe.reference.intops import OUT_BITS, activation_table, dyadic, embedding_table
 
 from . import intops
 from .qmodel import (
@@ -807,10 +807,7 @@ class Rewriter:
             value = args[2] if len(args) > 2 else node.kwargs.get("value")
             if not isinstance(value, (int, float)):
                 raise QpipeError(f"{node.name}: masked_fill needs a constant fill value in the integer graph")
-            fill = xm.qmin if value < 0 else xm.qmax
-            meta = xm
-            if value <= -MASK_FILL_MAGNITUDE:   # attention padding for the IntSoftmax: no weight
-                fill, meta = MASKED, MaskedGrid(xm)
+            fill, meta = masked_fill_value(xm, value)
             mask = self.env[args[1]] if isinstance(args[1], fx.Node) else args[1]
             self.env[node] = self.new.call_method("masked_fill", (self.env[x], mask, fill))
             self.meta[node] = meta
